@@ -1,0 +1,1 @@
+"""Ray Train LoRA finetuning jobs: `python -m raymoe.finetune --config job.yaml`."""

@@ -1,0 +1,97 @@
+"""Load a Hugging Face DeepSeek-V3 checkpoint into raymoe's model.
+
+Builds the model on the meta device, allocates it on the target device and dtype, and fills every parameter from
+the checkpoint: FP8 weights are dequantised block-wise, per-expert tensors are stacked, MTP layer tensors are
+mapped, and only the routed experts of `experts_range` are read (an expert-parallel shard never touches the bytes
+of other experts). Anything missing or mis-shaped raises `CheckpointError` naming the tensor.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from raymoe.platform.checkpoint.fp8 import dequantize_blockwise
+from raymoe.platform.checkpoint.keymap import MTP_SHARED, expert_keys, expert_param, hf_name, layer_of
+from raymoe.platform.checkpoint.reader import CheckpointError, SafetensorsReader
+from raymoe.platform.config import ModelConfig
+from raymoe.platform.model.decoder import DeepseekV3ForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def _read(reader: SafetensorsReader, key: str, shape: tuple[int, ...], dtype: torch.dtype,
+          block: tuple[int, int]) -> torch.Tensor:
+    t = reader.get(key)
+    if t.dtype == torch.float8_e4m3fn:
+        scale_key = key[: -len("weight")] + "weight_scale_inv"
+        if scale_key not in reader:
+            raise CheckpointError(f"{reader.root}: FP8 tensor {key!r} has no {scale_key!r}")
+        try:
+            t = dequantize_blockwise(t, reader.get(scale_key), dtype, block)
+        except ValueError as e:
+            raise CheckpointError(f"{reader.root}: {scale_key!r}: {e}") from None
+    if tuple(t.shape) != tuple(shape):
+        raise CheckpointError(f"{reader.root}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    return t.to(dtype)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               experts_range: tuple[int, int] | None = None, config: ModelConfig | None = None
+               ) -> DeepseekV3ForCausalLM:
+    """Load the checkpoint at `path`. `experts_range=(a, b)` loads routed experts a..b-1 of every MoE layer only."""
+    cfg = config or ModelConfig.from_pretrained(path)
+    if experts_range is not None:
+        a, b = experts_range
+        if not 0 <= a < b <= cfg.n_routed_experts:
+            raise ValueError(f"experts_range {experts_range} is outside 0..{cfg.n_routed_experts}")
+    reader = SafetensorsReader(path)
+    block = tuple(cfg.quantization_config.weight_block_size) if cfg.quantization_config else (128, 128)
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg, experts_range)
+    model.to_empty(device=device)
+    model.to(dtype)  # the gates keep fp32 (Gate._apply)
+    n = cfg.num_hidden_layers
+    consumed: set[str] = set()
+    tensors = dict(model.named_parameters())
+    tensors.update((k, v) for k, v in model.named_buffers() if k.endswith("e_score_correction_bias"))
+    with torch.no_grad():
+        for name, param in tensors.items():
+            ex = expert_param(name)
+            if ex is None:
+                key = hf_name(name, n)
+                param.copy_(_read(reader, key, param.shape, param.dtype, block))
+                consumed.add(key)
+                continue
+            prefix, which = ex
+            prefix = hf_name(prefix, n)
+            first = model.experts_range[0]
+            for local in range(param.shape[0]):
+                keys = expert_keys(prefix, first + local, which)
+                if which == "gate_up_proj":
+                    inter = param.shape[1] // 2
+                    param[local, :inter] = _read(reader, keys[0], (inter, param.shape[2]), param.dtype, block)
+                    param[local, inter:] = _read(reader, keys[1], (inter, param.shape[2]), param.dtype, block)
+                else:
+                    param[local] = _read(reader, keys[0], param.shape[1:], param.dtype, block)
+                consumed.update(keys)
+    _check_leftovers(reader, consumed, cfg)
+    reader.close()
+    model.eval()
+    return model
+
+
+def _check_leftovers(reader: SafetensorsReader, consumed: set[str], cfg: ModelConfig) -> None:
+    """Keys nobody read: other shards' experts and MTP copies are expected; a layer beyond the config is not."""
+    limit = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    for key in reader.keys():
+        if key in consumed or key.endswith("weight_scale_inv") or ".mlp.experts." in key:
+            continue
+        layer = layer_of(key)
+        if layer is not None and layer >= cfg.num_hidden_layers and key.split(f"layers.{layer}.", 1)[1] in MTP_SHARED:
+            continue
+        if layer is not None and layer >= limit:
+            raise CheckpointError(f"{reader.root}: tensor {key!r} belongs to layer {layer}, but the config has "
+                                  f"{cfg.num_hidden_layers} layers + {cfg.num_nextn_predict_layers} MTP")
+        log.warning("checkpoint tensor %s is not used by raymoe", key)

@@ -1,0 +1,107 @@
+"""Attention over MLA latents: the batch description a cached forward carries, and the absorbed-space kernels.
+
+Owns `PagedAttention` (where each new token's latent goes in the paged cache and which cached tokens each
+sequence reads) and the pure-PyTorch attention over latents: a batched path for decode (one query per sequence)
+and a per-sequence path for prefill chunks, split into query blocks so a 128K context never materialises a
+[queries, heads, 128K] score tensor at once. It knows nothing of weights; `mla.py` projects into latent space.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Upper bound on score elements (queries x heads x keys) materialised at once by the prefill path.
+SCORE_BUDGET = 1 << 25
+
+
+@dataclass
+class PagedAttention:
+    """One batch's view of the paged latent cache.
+
+    Tokens of the batch are flat: sequence b owns rows query_start[b]:query_start[b+1]. After this step
+    sequence b holds seq_lens[b] tokens in the cache (its new tokens are the last query_lens[b] of them).
+    """
+
+    slot_mapping: torch.Tensor          # [N] long: flat cache slot (block * block_size + offset) per new token
+    block_tables: torch.Tensor          # [B, max_blocks] long
+    query_start: list[int]              # B + 1 host ints
+    seq_lens: list[int]                 # B host ints
+    block_size: int
+    seq_lens_t: torch.Tensor = field(default=None)  # [B] long on device (decode path)
+
+    def __post_init__(self) -> None:
+        if self.seq_lens_t is None:
+            self.seq_lens_t = torch.tensor(self.seq_lens, dtype=torch.long, device=self.block_tables.device)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.query_start[-1] == len(self.seq_lens)
+
+    def slots_of(self, b: int, length: int) -> torch.Tensor:
+        """[length] flat slots holding the first `length` tokens of sequence b."""
+        nblk = -(-length // self.block_size)
+        blocks = self.block_tables[b, :nblk]
+        offs = torch.arange(self.block_size, device=blocks.device)
+        return (blocks[:, None] * self.block_size + offs[None, :]).reshape(-1)[:length]
+
+
+def causal_latent_attention(q: torch.Tensor, kv: torch.Tensor, q_pos: torch.Tensor, scale: float,
+                            value_dim: int) -> torch.Tensor:
+    """Absorbed attention of one sequence.
+
+    q: [T, H, D] queries in latent space (q_nope @ W_UK | q_pe); kv: [L, D] cached latents (c_kv | k_pe);
+    q_pos: [T] positions of the queries (key j is visible to query t iff j <= q_pos[t]).
+    Returns [T, H, value_dim]: attention-weighted c_kv (the first value_dim latent lanes).
+    """
+    T, H, _ = q.shape
+    L = kv.shape[0]
+    out = q.new_empty(T, H, value_dim)
+    step = max(1, SCORE_BUDGET // max(1, H * L))
+    keys = torch.arange(L, device=q.device)
+    for s in range(0, T, step):
+        e = min(T, s + step)
+        visible = int(q_pos[e - 1].item()) + 1 if e - s > 0 else L
+        kv_s = kv[:visible]
+        scores = torch.einsum("thd,ld->thl", q[s:e], kv_s).float() * scale
+        mask = keys[None, :visible] > q_pos[s:e, None]                    # [t, l]
+        scores.masked_fill_(mask[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(kv.dtype)
+        out[s:e] = torch.einsum("thl,lr->thr", probs, kv_s[:, :value_dim])
+    return out
+
+
+def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAttention, scale: float,
+                           value_dim: int) -> torch.Tensor:
+    """Absorbed attention for a batch over the paged cache.
+
+    q: [N, H, D]; cache: [num_blocks, block_size, D] (already holding this step's latents).
+    Returns [N, H, value_dim].
+    """
+    flat = cache.view(-1, cache.shape[-1])
+    if meta.is_decode:
+        B = meta.num_seqs
+        max_len = max(meta.seq_lens)
+        nblk = -(-max_len // meta.block_size)
+        offs = torch.arange(meta.block_size, device=q.device)
+        slots = (meta.block_tables[:, :nblk, None] * meta.block_size + offs).reshape(B, -1)[:, :max_len]
+        kv = flat[slots]                                                    # [B, L, D]
+        scores = torch.einsum("bhd,bld->bhl", q, kv).float() * scale
+        pad = torch.arange(max_len, device=q.device)[None, :] >= meta.seq_lens_t[:, None]
+        scores.masked_fill_(pad[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(kv.dtype)
+        return torch.einsum("bhl,blr->bhr", probs, kv[..., :value_dim])
+    out = q.new_empty(q.shape[0], q.shape[1], value_dim)
+    for b in range(meta.num_seqs):
+        s, e = meta.query_start[b], meta.query_start[b + 1]
+        if e == s:
+            continue
+        L = meta.seq_lens[b]
+        kv = flat[meta.slots_of(b, L)]
+        q_pos = torch.arange(L - (e - s), L, device=q.device)
+        out[s:e] = causal_latent_attention(q[s:e], kv, q_pos, scale, value_dim)
+    return out

@@ -1,0 +1,107 @@
+"""Multi-head Latent Attention (MLA), DeepSeek-V3's attention with a compressed latent KV cache.
+
+Owns the attention projections (HF names: q_a_proj, q_a_layernorm, q_b_proj or q_proj, kv_a_proj_with_mqa,
+kv_a_layernorm, kv_b_proj, o_proj) and three equivalent ways to run them:
+- naive: expand the latent with kv_b_proj into per-head keys/values (what transformers does; the reference);
+- absorbed: fold kv_b_proj into the query and the output so attention runs over the 576-value latent directly;
+- cached: the absorbed path over a paged latent cache (what the engine uses).
+The cache holds c_kv after kv_a_layernorm and k_pe after RoPE.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.platform.config import ModelConfig
+from raymoe.platform.model.attention import PagedAttention, causal_latent_attention, paged_latent_attention
+from raymoe.platform.model.norm import RMSNorm
+from raymoe.platform.model.rope import RotaryEmbedding
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.scale = cfg.softmax_scale
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
+        object.__setattr__(self, "rope", rope)  # shared and unregistered: no weights, and .to(dtype) must not touch it
+
+    # ---- projections ---------------------------------------------------------------------------------------------
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [N, hidden]; positions: [N]
+        # -> q_nope [N, H, nope], q_pe [N, H, rope] (rotated), latent [N, kv_lora_rank + rope] (normed c_kv | k_pe)
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(-1, self.n_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        cos, sin = self.rope.cos_sin(positions)
+        q_pe = self.rope.rotate(q_pe, cos, sin)
+        k_pe = self.rope.rotate(k_pe, cos, sin)
+        return q_nope, q_pe, torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
+
+    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim:]   # [H, nope, R], [H, v, R]
+
+    def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        # q_nope: [N, H, nope], q_pe: [N, H, rope] -> [N, H, R + rope]
+        w_uk, _ = self._w_uk_uv()
+        return torch.cat([torch.einsum("nhd,hdr->nhr", q_nope, w_uk), q_pe], dim=-1)
+
+    def absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        # o_lat: [N, H, R] -> [N, hidden]
+        _, w_uv = self._w_uk_uv()
+        o = torch.einsum("nhr,hvr->nhv", o_lat, w_uv)
+        return self.o_proj(o.reshape(o.shape[0], -1))
+
+    # ---- the three paths -----------------------------------------------------------------------------------------
+    def forward_naive(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, hidden]; positions: [B, T] -> [B, T, hidden]; full causal attention, no cache
+        B, T, _ = x.shape
+        q_nope, q_pe, latent = self.project(x.reshape(B * T, -1), positions.reshape(-1))
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B * T, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], -1).view(B, T, self.n_heads, -1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.n_heads, -1)], -1)
+        k = k.view(B, T, self.n_heads, -1).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, -1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def forward_absorbed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, hidden]; positions: [B, T] -> [B, T, hidden]; absorbed attention over contiguous latents
+        B, T, _ = x.shape
+        q_nope, q_pe, latent = self.project(x.reshape(B * T, -1), positions.reshape(-1))
+        q = self.absorb_query(q_nope, q_pe).view(B, T, self.n_heads, -1)
+        latent = latent.view(B, T, -1)
+        o_lat = torch.stack([causal_latent_attention(q[b], latent[b], positions[b], self.scale, self.kv_lora_rank)
+                             for b in range(B)])
+        return self.absorb_output(o_lat.view(B * T, self.n_heads, -1)).view(B, T, -1)
+
+    def forward_cached(self, x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
+                       meta: PagedAttention) -> torch.Tensor:
+        # x: [N, hidden]; positions: [N]; cache: [num_blocks, block_size, R + rope] -> [N, hidden]
+        q_nope, q_pe, latent = self.project(x, positions)
+        cache.view(-1, cache.shape[-1]).index_copy_(0, meta.slot_mapping, latent.to(cache.dtype))
+        q = self.absorb_query(q_nope, q_pe)
+        o_lat = paged_latent_attention(q.to(cache.dtype), cache, meta, self.scale, self.kv_lora_rank)
+        return self.absorb_output(o_lat.to(x.dtype))

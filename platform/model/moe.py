@@ -1,0 +1,120 @@
+"""DeepSeek-V3's Mixture-of-Experts layer: the noaux_tc gate, routed experts stacked per layer, shared experts.
+
+Owns the math of routing and of the experts themselves. It never decides where experts live: the MoE layer calls
+one dispatch interface, `ExpertDispatch(layer, hidden, topk_ids, topk_w) -> routed output`; by default that is the
+in-process `RoutedExperts` of this layer, and expert-parallel code (raymoe.platform.parallel) installs a dispatch
+that sends rows to remote shards instead. `RoutedExperts` may hold any subset of the experts (an expert-parallel
+shard holds a contiguous range), and returns the weighted sum over the experts it holds.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.platform.config import ModelConfig
+from raymoe.platform.model.mlp import MLP
+
+
+class ExpertDispatch(Protocol):
+    def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_w: torch.Tensor) -> torch.Tensor: ...
+
+
+class Gate(nn.Module):
+    """Sigmoid scores; bias (e_score_correction_bias) used only for selection; group-limited top-k."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.n_experts = cfg.n_routed_experts
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        # fp32 always (as transformers keeps it): gating precision decides which experts run
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):  # keep fp32 through model.to(dtype); still follow device moves
+        super()._apply(fn, recurse)
+        self.weight.data = self.weight.data.float()
+        self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [N, hidden] -> topk_ids [N, k] long, topk_w [N, k] fp32, scores [N, E] fp32
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias
+        grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(-1)                                # [N, G]
+        keep_groups = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)
+        choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(-1, self.n_experts)
+        topk_ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]
+        topk_w = scores.gather(1, topk_ids)
+        if self.norm_topk_prob:
+            topk_w = topk_w / (topk_w.sum(-1, keepdim=True) + 1e-20)
+        return topk_ids, topk_w * self.scaling, scores
+
+
+class RoutedExperts(nn.Module):
+    """Experts [first, first + count) of one MoE layer, stacked: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+
+    def __init__(self, cfg: ModelConfig, first: int = 0, count: int | None = None) -> None:
+        super().__init__()
+        count = cfg.n_routed_experts - first if count is None else count
+        self.first, self.count, self.n_total = first, count, cfg.n_routed_experts
+        inter, h = cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * inter, h))
+        self.down_proj = nn.Parameter(torch.empty(count, h, inter))
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        # x: [N, H]; topk_ids/topk_w: [N, k] (global expert ids) -> [N, H] sum over the held experts
+        out = torch.zeros_like(x)
+        local = topk_ids.flatten() - self.first
+        held = (local >= 0) & (local < self.count)
+        if not bool(held.any()):
+            return out
+        pick = held.nonzero().squeeze(1)                                  # indices into the [N * k] assignments
+        local = local[pick]
+        order = local.argsort(stable=True)
+        pick, local = pick[order], local[order]
+        counts = torch.bincount(local, minlength=self.count).tolist()
+        rows = pick // topk_ids.shape[1]
+        weights = topk_w.flatten()[pick].to(x.dtype)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            r = rows[start:start + n]
+            gate, up = F.linear(x[r], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e])
+            out.index_add_(0, r, y * weights[start:start + n, None])
+            start += n
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, experts: RoutedExperts | None = None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.gate = Gate(cfg)
+        self.experts = experts if experts is not None else RoutedExperts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.dispatch: ExpertDispatch | None = None   # set by expert-parallel code; None = the local experts
+        self.last_topk_ids: torch.Tensor | None = None  # kept only when record_routing is on (load statistics)
+        self.record_routing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, hidden] -> [N, hidden]
+        topk_ids, topk_w, _ = self.gate(x)
+        if self.record_routing:
+            self.last_topk_ids = topk_ids
+        if self.dispatch is not None:
+            out = self.dispatch(self.layer, x, topk_ids, topk_w)
+        else:
+            out = self.experts(x, topk_ids, topk_w)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

@@ -1,0 +1,74 @@
+"""The `raymoe` command line (typer): tiny-checkpoint, and the serve/generate/finetune/bench verbs as they land.
+
+Bad input ends with a one-line message on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command("tiny-checkpoint")
+def tiny_checkpoint(
+    out_dir: Path = typer.Argument(..., help="directory to write the checkpoint into"),
+    seed: int = typer.Option(0, help="random seed of the weights"),
+    preset: str = typer.Option("tiny", help="tiny | vllm (kv_lora_rank 512, qk_rope_head_dim 64: runs on vLLM CPU)"),
+    fp8: bool = typer.Option(False, "--fp8", help="block-quantise the layer weights to float8_e4m3fn as the release"),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 | float32 for the non-FP8 tensors"),
+    expert_files: int = typer.Option(2, help="routed experts are split into this many safetensors files"),
+    hidden_size: Optional[int] = typer.Option(None), layers: Optional[int] = typer.Option(None, "--layers"),
+    dense_layers: Optional[int] = typer.Option(None, help="first_k_dense_replace"),
+    experts: Optional[int] = typer.Option(None, help="n_routed_experts"),
+    experts_per_tok: Optional[int] = typer.Option(None), n_group: Optional[int] = typer.Option(None),
+    topk_group: Optional[int] = typer.Option(None), heads: Optional[int] = typer.Option(None),
+    vocab_size: Optional[int] = typer.Option(None), mtp_layers: Optional[int] = typer.Option(None),
+    set_: list[str] = typer.Option([], "--set", help="any config.json field, KEY=JSON (repeatable)"),
+) -> None:
+    """Write a small random DeepSeek-V3 checkpoint in the exact Hugging Face layout, with a tokenizer."""
+    from raymoe.platform.checkpoint import PRESETS, TinySpec, write_tiny_checkpoint
+    from raymoe.platform.config import ConfigError
+
+    if preset not in PRESETS:
+        fail(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    overrides = {k: v for k, v in dict(
+        hidden_size=hidden_size, num_hidden_layers=layers, first_k_dense_replace=dense_layers,
+        n_routed_experts=experts, num_experts_per_tok=experts_per_tok, n_group=n_group, topk_group=topk_group,
+        num_attention_heads=heads, vocab_size=vocab_size, num_nextn_predict_layers=mtp_layers).items()
+        if v is not None}
+    for item in set_:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            fail(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    try:
+        spec = TinySpec(preset=preset, seed=seed, fp8=fp8, dtype=dtype, expert_files=expert_files,
+                        overrides=overrides)
+        out = write_tiny_checkpoint(out_dir, spec)
+    except (ConfigError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    typer.echo(str(out))
+
+
+@app.command()
+def version() -> None:
+    """Print the raymoe version."""
+    from raymoe import __version__
+    typer.echo(__version__)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
