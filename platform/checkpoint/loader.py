@@ -41,6 +41,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
                experts_range: tuple[int, int] | None = None, config: ModelConfig | None = None
                ) -> DeepseekV3ForCausalLM:
     """Load the checkpoint at `path`. `experts_range=(a, b)` loads routed experts a..b-1 of every MoE layer only."""
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
     cfg = config or ModelConfig.from_pretrained(path)
     if experts_range is not None:
         a, b = experts_range

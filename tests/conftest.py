@@ -1,0 +1,43 @@
+"""Shared fixtures: small random checkpoints in the real HF format, written once per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(root: Path, name: str, **kw) -> Path:
+    from raymoe.platform.checkpoint import TinySpec, write_tiny_checkpoint
+    return write_tiny_checkpoint(root / name, TinySpec(**kw))
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ckpts")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(ckpt_root) -> Path:
+    """The default tiny preset (bf16 tensors, 4 layers: 1 dense + 3 MoE, 16 experts in 4 groups, MTP)."""
+    return _write(ckpt_root, "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_fp32(ckpt_root) -> Path:
+    return _write(ckpt_root, "tiny32", seed=1, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_fp8(ckpt_root) -> Path:
+    return _write(ckpt_root, "tiny_fp8", seed=0, fp8=True)
+
+
+@pytest.fixture(scope="session")
+def write_ckpt(ckpt_root):
+    """Factory: write_ckpt(name, **TinySpec fields) -> path."""
+    return lambda name, **kw: _write(ckpt_root, name, **kw)
