@@ -1,4 +1,5 @@
 """Pydantic configuration models shared by every raymoe component."""
-from raymoe.platform.config.model_config import ModelConfig, RopeScaling, QuantizationConfig, ConfigError
+from raymoe.platform.config.engine_config import EngineConfig, SamplingParams
+from raymoe.platform.config.model_config import ConfigError, ModelConfig, QuantizationConfig, RopeScaling
 
-__all__ = ["ModelConfig", "RopeScaling", "QuantizationConfig", "ConfigError"]
+__all__ = ["ConfigError", "EngineConfig", "ModelConfig", "QuantizationConfig", "RopeScaling", "SamplingParams"]

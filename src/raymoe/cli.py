@@ -64,6 +64,52 @@ def tiny_checkpoint(
 
 
 @app.command()
+def generate(
+    model: Path = typer.Option(..., help="HF DeepSeek-V3 checkpoint directory"),
+    prompt: str = typer.Option(..., help="prompt text"),
+    max_tokens: int = typer.Option(64), temperature: float = typer.Option(0.0), top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0), seed: Optional[int] = typer.Option(None), mtp: int = typer.Option(
+        0, help="MTP speculative tokens per step (0: off)"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the tokenizer's chat template"),
+    device: str = typer.Option("cpu"), dtype: Optional[str] = typer.Option(None),
+) -> None:
+    """Generate a completion: the text alone on stdout, a one-line speed summary on stderr."""
+    import time
+
+    from pydantic import ValidationError
+
+    from raymoe.platform.checkpoint import CheckpointError
+    from raymoe.platform.config import ConfigError, EngineConfig, SamplingParams
+    from raymoe.platform.engine import LLMEngine, RequestError
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        t0 = time.perf_counter()
+        engine = LLMEngine(EngineConfig(model=str(model), device=device, dtype=dtype, num_speculative_tokens=mtp,
+                                        max_model_len=None))
+        if engine.tokenizer is None:
+            fail(f"{model}: no tokenizer.json, cannot encode a text prompt")
+        tok = engine.tokenizer
+        ids = (tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"] if chat
+               else tok(prompt).input_ids)
+        t1 = time.perf_counter()
+        out = engine.generate([ids], params)[0]["outputs"][0]
+        t2 = time.perf_counter()
+    except ValidationError as e:
+        err = e.errors()[0]
+        fail(f"invalid {'.'.join(map(str, err['loc']))}: {str(err['msg']).removeprefix('Value error, ')}")
+    except (ConfigError, CheckpointError, RequestError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    typer.echo(out["text"])
+    n = len(out["token_ids"])
+    prop, acc = out.get("spec", (0, 0))
+    spec = f", MTP acceptance {acc / prop:.0%} ({acc}/{prop})" if prop else ""
+    typer.echo(f"{n} tokens in {t2 - t1:.2f}s ({n / max(t2 - t1, 1e-9):.1f} tokens/s; load {t1 - t0:.1f}s; "
+               f"finish {out['finish_reason']}{spec})", err=True)
+
+
+@app.command()
 def version() -> None:
     """Print the raymoe version."""
     from raymoe import __version__

@@ -1,0 +1,80 @@
+"""EngineConfig (how the inference engine runs) and SamplingParams (what one request asks for).
+
+Both validate on construction and fail with a message naming the field; the engine trusts them afterwards.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None   # None: float32 on CPU, bfloat16 on CUDA
+    device: str = "cpu"
+    block_size: int = Field(16, gt=0)
+    num_blocks: int | None = Field(None, gt=0)        # None: sized from kv_cache_memory_gb
+    kv_cache_memory_gb: float = Field(1.0, gt=0)
+    max_model_len: int | None = Field(None, gt=0)     # None: the model's context (131,072 for DeepSeek-V3)
+    max_num_seqs: int = Field(64, gt=0)
+    max_num_batched_tokens: int = Field(2048, gt=0)  # token budget of one step: the prefill chunk size
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    num_speculative_tokens: int = Field(0, ge=0)     # MTP drafts per step (0: off)
+    cuda_graph_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    enforce_eager: bool = False
+    cpu_threads: int | None = Field(None, gt=0)       # torch intra-op threads on CPU (None: torch's default)
+    seed: int = 0
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(1, ge=1, le=64)
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = Field(0, ge=0)            # 0: off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    skip_special_tokens: bool = True
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"max_tokens must be at least 1, got {v}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"temperature must be >= 0, got {v}")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v):
+        return [v] if isinstance(v, str) else (v or [])
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1

@@ -1,0 +1,313 @@
+"""LLMEngine: the synchronous heart of inference. add_request / step / abort, plus `generate` for scripts.
+
+One `step()` schedules a batch (continuous batching, chunked prefill), runs the model over the paged latent cache,
+samples or verifies MTP drafts, drafts the next tokens with the MTP module, detokenizes incrementally, applies stop
+conditions and returns per-sequence deltas. Validation happens in `add_request`, before any work.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from raymoe.platform.config import EngineConfig, SamplingParams
+from raymoe.platform.engine.block_manager import BlockManager
+from raymoe.platform.engine.detokenizer import IncrementalDetokenizer
+from raymoe.platform.engine.model_runner import ModelRunner
+from raymoe.platform.engine.sampler import (apply_penalties, draw, processed_probs, top_logprobs, verify_drafts)
+from raymoe.platform.engine.scheduler import Scheduled, Scheduler
+from raymoe.platform.engine.sequence import Sequence, Status
+
+
+class RequestError(ValueError):
+    """A request the engine refuses before doing any work (too long, bad ids, duplicate id...)."""
+
+
+@dataclass
+class Delta:
+    """What one sequence produced in one step."""
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[dict] | None = None
+    spec_proposed: int = 0
+    spec_accepted: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Out:
+    """Per-sequence output state kept by the engine (detokenizer, stop-string holdback)."""
+    detok: IncrementalDetokenizer | None
+    emitted_chars: int = 0
+    pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[dict] = field(default_factory=list)
+
+
+def _dtype(cfg: EngineConfig) -> torch.dtype:
+    if cfg.dtype is not None:
+        return getattr(torch, cfg.dtype)
+    return torch.bfloat16 if str(cfg.device).startswith("cuda") else torch.float32
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, model=None, tokenizer=None) -> None:
+        from raymoe.platform.model import from_pretrained
+        self.cfg = cfg
+        if cfg.cpu_threads is not None and not str(cfg.device).startswith("cuda"):
+            torch.set_num_threads(cfg.cpu_threads)
+        self.model = model if model is not None else from_pretrained(cfg.model, dtype=_dtype(cfg), device=cfg.device)
+        mcfg = self.model.config
+        self.vocab_size = mcfg.vocab_size
+        self.max_model_len = cfg.max_model_len or mcfg.max_context
+        if self.max_model_len > mcfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"{mcfg.max_position_embeddings}")
+        self.num_spec = cfg.num_speculative_tokens
+        if self.num_spec and not len(self.model.mtp):
+            raise ValueError("num_speculative_tokens > 0 needs a checkpoint with an MTP module "
+                             "(num_nextn_predict_layers >= 1)")
+        dtype = next(self.model.parameters()).dtype
+        per_block = ModelRunner.cache_bytes_per_block(self.model, cfg.block_size, self.num_spec > 0, dtype)
+        num_blocks = cfg.num_blocks or max(1, int(cfg.kv_cache_memory_gb * 2 ** 30 // per_block))
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg, self.blocks)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.num_spec > 0)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        if tokenizer is None and (Path(cfg.model) / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        self.tokenizer = tokenizer
+        eos = mcfg.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.requests: dict[str, list[Sequence]] = {}
+        self.outs: dict[int, _Out] = {}
+        self._gen_times: deque[tuple[float, int]] = deque()
+        self.total_generated = 0
+
+    # ---- requests ------------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        self.validate(prompt_ids, params)
+        seqs = [Sequence(request_id, prompt_ids, params, i) for i in range(params.n)]
+        self.requests[request_id] = seqs
+        for s in seqs:
+            detok = None if self.tokenizer is None else IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, params.skip_special_tokens)
+            self.outs[s.seq_id] = _Out(detok)
+            self.scheduler.add(s)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuse, before any work, a request that can never run. Reads only immutable engine facts."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is "
+                               f"{total} tokens, more than max_model_len ({self.max_model_len})")
+        if self.blocks.blocks_needed(total + self.num_spec) > self.blocks.num_blocks:
+            raise RequestError(f"prompt plus max_tokens ({total} tokens) does not fit in the KV cache "
+                               f"({self.blocks.num_blocks} blocks of {self.cfg.block_size})")
+
+    def abort(self, request_id: str) -> None:
+        for s in self.requests.pop(request_id, []):
+            self.scheduler.abort(s)
+            self.outs.pop(s.seq_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ------------------------------------------------------------------------------------------------
+    def step(self) -> list[Delta]:
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        starts = [s.seq.num_computed_tokens for s in sched]
+        tables = [s.seq.block_table for s in sched]
+        inputs = [(s.seq.token_ids + s.seq.draft_ids)[st:st + s.num_tokens] for s, st in zip(sched, starts)]
+        hidden = self.runner.forward(inputs, tables, starts)
+        offsets = [0]
+        for s in sched:
+            offsets.append(offsets[-1] + s.num_tokens)
+
+        new_tokens: dict[int, list[int]] = {}
+        new_logprobs: dict[int, list[dict]] = {}
+        valid = [s.num_tokens for s in sched]             # positions whose latents stay valid
+        ending = [i for i, s in enumerate(sched) if s.reaches_end]
+        if ending:
+            rows, owners = [], []
+            for i in ending:
+                s = sched[i]
+                first = offsets[i] + s.num_tokens - 1 - s.num_drafts
+                for j in range(s.num_drafts + 1):
+                    rows.append(first + j)
+                    owners.append((i, j))
+            logits = self.runner.logits(hidden[rows])
+            params = [sched[i].seq.params for i, _ in owners]
+            prompts = [sched[i].seq.token_ids for i, _ in owners]
+            counts = [sched[i].seq.output_counts + Counter(sched[i].seq.draft_ids[:j]) for i, j in owners]
+            probs = processed_probs(apply_penalties(logits, params, prompts, counts), params)
+            r = 0
+            for i in ending:
+                s = sched[i]
+                seq, k = s.seq, s.num_drafts
+                if k:
+                    toks = verify_drafts(probs[r:r + k + 1], seq.draft_ids[:k], seq.draft_probs, seq.params.greedy,
+                                         seq.generator, self.generator)
+                    seq.spec_proposed += k
+                    seq.spec_accepted += len(toks) - 1
+                elif seq.params.greedy:
+                    toks = [int(probs[r].argmax())]
+                else:
+                    toks = draw(probs[r:r + 1], [seq.generator], self.generator)
+                lp = top_logprobs(logits[r:r + len(toks)], toks, [seq.params.logprobs] * len(toks))
+                valid[i] = s.num_tokens - k + len(toks) - 1
+                seq.num_computed_tokens = len(seq) + len(toks) - 1
+                seq.draft_ids, seq.draft_probs = [], None
+                new_tokens[i], new_logprobs[i] = self._append(seq, toks, lp)
+                r += k + 1
+        for i, s in enumerate(sched):
+            if i not in new_tokens:
+                s.seq.num_computed_tokens += s.num_tokens
+            self.blocks.commit_full_blocks(s.seq)
+        if self.num_spec:
+            self._draft(sched, starts, hidden, offsets, valid)
+        deltas = [d for i, s in enumerate(sched) if (d := self._delta(s.seq, new_tokens.get(i, []),
+                                                                       new_logprobs.get(i, []))) is not None]
+        for seq in self.scheduler.remove_finished():
+            self.outs.pop(seq.seq_id, None)
+            reqs = self.requests.get(seq.request_id)
+            if reqs is not None and all(x.is_finished for x in reqs):
+                del self.requests[seq.request_id]
+        return deltas
+
+    def _append(self, seq: Sequence, toks: list[int], lp: list) -> tuple[list[int], list[dict]]:
+        """Append sampled tokens, stopping at the first finishing one."""
+        taken, taken_lp = [], []
+        p = seq.params
+        for t, l in zip(toks, lp):
+            seq.append(t)
+            taken.append(t)
+            if l is not None:
+                taken_lp.append(l)
+            self.total_generated += 1
+            if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+                seq.finish_reason = "length"
+            if seq.finish_reason:
+                seq.status = Status.FINISHED
+                break
+        self._gen_times.append((time.perf_counter(), len(taken)))
+        return taken, taken_lp
+
+    def _draft(self, sched: list[Scheduled], starts: list[int], hidden: torch.Tensor, offsets: list[int],
+               valid: list[int]) -> None:
+        """Run the MTP module over this step's valid positions; draft for sequences that reached their end."""
+        idx = [i for i, s in enumerate(sched) if not s.seq.is_finished and valid[i] > 0]
+        if not idx:
+            return
+        rows = torch.cat([torch.arange(offsets[i], offsets[i] + valid[i]) for i in idx]).to(hidden.device)
+        nxt = [sched[i].seq.token_ids[starts[i] + 1:starts[i] + valid[i] + 1] for i in idx]
+        h = self.runner.mtp(hidden[rows], nxt, [sched[i].seq.block_table for i in idx], [starts[i] for i in idx])
+        ends = [j for j, i in enumerate(idx) if sched[i].reaches_end]
+        if not ends:
+            return
+        last_rows, pos = [], []
+        acc = 0
+        for j, i in enumerate(idx):
+            acc += valid[i]
+            if j in ends:
+                last_rows.append(acc - 1)
+                pos.append(starts[i] + valid[i] - 1)
+        seqs = [sched[idx[j]].seq for j in ends]
+        h_last = h[last_rows]
+        for step in range(self.num_spec):
+            keep = [b for b, s in enumerate(seqs) if len(s) + len(s.draft_ids) < self.max_model_len and
+                    self.blocks.ensure(s, len(s) + len(s.draft_ids) + 1)]
+            if not keep:
+                return
+            seqs, h_last, pos = [seqs[b] for b in keep], h_last[keep], [pos[b] for b in keep]
+            logits = self.runner.logits(h_last)
+            params = [s.params for s in seqs]
+            probs = processed_probs(logits, params)
+            for b, s in enumerate(seqs):
+                d = int(probs[b].argmax()) if s.params.greedy else draw(probs[b:b + 1], [s.generator],
+                                                                        self.generator)[0]
+                s.draft_ids.append(d)
+                if not s.params.greedy:
+                    s.draft_probs = probs[b:b + 1] if s.draft_probs is None else torch.cat([s.draft_probs,
+                                                                                            probs[b:b + 1]])
+            if step + 1 == self.num_spec:
+                return
+            pos = [p + 1 for p in pos]
+            h_last = self.runner.mtp(h_last, [[s.draft_ids[-1]] for s in seqs], [s.block_table for s in seqs], pos)
+
+    def _delta(self, seq: Sequence, toks: list[int], lp: list[dict]) -> Delta | None:
+        out = self.outs.get(seq.seq_id)
+        if out is None or (not toks and not seq.is_finished):
+            return None
+        text = ""
+        p = seq.params
+        if out.detok is not None:
+            out.detok.push(toks)
+            if seq.is_finished:
+                out.detok.flush()
+            full = out.detok.text
+            for stop in p.stop:
+                at = full.find(stop, max(0, out.emitted_chars - len(stop)))
+                if at >= 0 and not (seq.is_finished and seq.finish_reason == "stop" and at >= len(full)):
+                    full = full[:at]
+                    if not seq.is_finished or seq.finish_reason != "stop":
+                        seq.finish_reason, seq.status = "stop", Status.FINISHED
+            hold = 0 if seq.is_finished else max((len(s) - 1 for s in p.stop), default=0)
+            upto = max(out.emitted_chars, len(full) - hold)
+            text = full[out.emitted_chars:upto]
+            out.emitted_chars = upto
+        return Delta(seq.request_id, seq.index, toks, text, seq.finish_reason, seq.num_prompt_tokens,
+                     seq.num_output_tokens, lp or None, seq.spec_proposed, seq.spec_accepted)
+
+    # ---- conveniences --------------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[dict]:
+        """Run prompts to completion (sync). Returns per request: {"outputs": [{token_ids, text, finish_reason}]}."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        acc = {rid: {} for rid in ids}
+        for rid, pr, pa in zip(ids, prompts, plist):
+            self.add_request(rid, pr, pa)
+        while self.has_unfinished():
+            for d in self.step():
+                o = acc[d.request_id].setdefault(d.index, {"token_ids": [], "text": "", "finish_reason": None,
+                                                           "logprobs": []})
+                o["token_ids"] += d.token_ids
+                o["text"] += d.text
+                o["finish_reason"] = d.finish_reason
+                o["logprobs"] += d.logprobs or []
+                o["spec"] = (d.spec_proposed, d.spec_accepted)
+        return [{"outputs": [acc[r][i] for i in sorted(acc[r])]} for r in ids]
+
+    def stats(self) -> dict:
+        now = time.perf_counter()
+        while self._gen_times and now - self._gen_times[0][0] > 10:
+            self._gen_times.popleft()
+        span = now - self._gen_times[0][0] if len(self._gen_times) > 1 else 0
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_cache_usage": round(self.blocks.usage, 4), "num_blocks": self.blocks.num_blocks,
+                "prefix_cache_hits": self.blocks.prefix_hits, "preemptions": self.scheduler.num_preemptions,
+                "generation_tokens_per_s": round(sum(n for _, n in self._gen_times) / span, 2) if span else 0.0,
+                "total_generated_tokens": self.total_generated}

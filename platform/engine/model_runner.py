@@ -1,0 +1,65 @@
+"""Runs the model for one scheduled batch: owns the paged latent cache tensors and builds the flat batch.
+
+Turns a list of (sequence, chunk) into flat token ids, positions, cache slots and block tables, runs the main
+model's cached forward, and runs the MTP module over the positions whose next token is known. Knows nothing of
+sampling or scheduling policy.
+"""
+from __future__ import annotations
+
+import torch
+
+from raymoe.platform.model import DeepseekV3ForCausalLM, PagedAttention
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int, use_mtp: bool) -> None:
+        self.model = model
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.block_size = block_size
+        cfg = model.config
+        n_layers = model.num_cache_layers if use_mtp else cfg.num_hidden_layers
+        self.caches = [torch.zeros(num_blocks, block_size, cfg.latent_dim, dtype=self.dtype, device=self.device)
+                       for _ in range(n_layers)]
+
+    @staticmethod
+    def cache_bytes_per_block(model: DeepseekV3ForCausalLM, block_size: int, use_mtp: bool, dtype: torch.dtype) -> int:
+        cfg = model.config
+        layers = model.num_cache_layers if use_mtp else cfg.num_hidden_layers
+        return layers * block_size * cfg.latent_dim * torch.empty((), dtype=dtype).element_size()
+
+    def _meta(self, tables: list[list[int]], starts: list[int], counts: list[int]) -> tuple[torch.Tensor, PagedAttention]:
+        """Positions and attention metadata for rows: sequence b computes positions starts[b]..+counts[b]."""
+        bs = self.block_size
+        positions, slots, qs = [], [], [0]
+        for table, s, n in zip(tables, starts, counts):
+            for p in range(s, s + n):
+                positions.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+            qs.append(qs[-1] + n)
+        width = max(len(t) for t in tables)
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device)
+        meta = PagedAttention(slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+                              block_tables=bt, query_start=qs, seq_lens=[s + n for s, n in zip(starts, counts)],
+                              block_size=bs)
+        return torch.tensor(positions, dtype=torch.long, device=self.device), meta
+
+    @torch.inference_mode()
+    def forward(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int]) -> torch.Tensor:
+        # tokens[b]: the ids sequence b computes, at positions starts[b]..; -> final hidden [sum(len), H]
+        positions, meta = self._meta(tables, starts, [len(t) for t in tokens])
+        ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long, device=self.device)
+        return self.model.forward_cached(ids, positions, self.caches, meta)
+
+    @torch.inference_mode()
+    def mtp(self, hidden: torch.Tensor, next_ids: list[list[int]], tables: list[list[int]],
+            starts: list[int]) -> torch.Tensor:
+        # hidden: [sum(len), H] main (or previous MTP) hidden at those positions; next_ids[b]: the token after
+        # each position -> MTP hidden [sum(len), H] (logits via model.compute_logits)
+        positions, meta = self._meta(tables, starts, [len(t) for t in next_ids])
+        ids = torch.tensor([t for seq in next_ids for t in seq], dtype=torch.long, device=self.device)
+        return self.model.mtp_forward_cached(hidden, ids, positions, self.caches, meta)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden).float()

@@ -1,0 +1,37 @@
+"""Engine fixtures: one fp32 tiny model shared by the engine tests, and its no-cache greedy reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raymoe.platform.config import EngineConfig
+from raymoe.platform.engine import LLMEngine
+from raymoe.platform.model import from_pretrained
+
+
+@pytest.fixture(scope="session")
+def model32(tiny_ckpt_fp32):
+    return from_pretrained(tiny_ckpt_fp32, dtype=torch.float32)
+
+
+@pytest.fixture
+def make_engine(tiny_ckpt_fp32, model32):
+    def make(**kw) -> LLMEngine:
+        kw.setdefault("num_blocks", 512)
+        kw.setdefault("block_size", 4)
+        return LLMEngine(EngineConfig(model=str(tiny_ckpt_fp32), **kw), model=model32)
+    return make
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Argmax decoding with a full re-forward per token (no cache): the ground truth."""
+    ids = torch.tensor(prompt)[None]
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[0, -1].argmax().view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def prompts(seed: int, lengths) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1000, (n,), generator=g).tolist() for n in lengths]
