@@ -82,7 +82,8 @@ class LLMEngine:
         num_blocks = cfg.num_blocks or max(1, int(cfg.kv_cache_memory_gb * 2 ** 30 // per_block))
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.blocks)
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.num_spec > 0)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.num_spec > 0,
+                                  None if cfg.enforce_eager else cfg.cuda_graph_sizes, self.max_model_len)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         if tokenizer is None and (Path(cfg.model) / "tokenizer.json").is_file():
             from transformers import AutoTokenizer

@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import torch
 
+from raymoe.platform.engine.cuda_graphs import DecodeGraphs
 from raymoe.platform.model import DeepseekV3ForCausalLM, PagedAttention
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int, use_mtp: bool) -> None:
+    def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int, use_mtp: bool,
+                 graph_sizes: list[int] | None = None, max_model_len: int = 131072) -> None:
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.block_size = block_size
         cfg = model.config
         n_layers = model.num_cache_layers if use_mtp else cfg.num_hidden_layers
-        self.caches = [torch.zeros(num_blocks, block_size, cfg.latent_dim, dtype=self.dtype, device=self.device)
+        # one extra block at the end: the scratch block padding rows of a CUDA graph write into
+        self.caches = [torch.zeros(num_blocks + 1, block_size, cfg.latent_dim, dtype=self.dtype, device=self.device)
                        for _ in range(n_layers)]
+        self.graphs = None
+        if graph_sizes and DecodeGraphs.supported(model):
+            self.graphs = DecodeGraphs(model, self.caches[:cfg.num_hidden_layers], block_size, graph_sizes,
+                                       scratch_block=num_blocks, max_blocks=-(-max_model_len // block_size))
 
     @staticmethod
     def cache_bytes_per_block(model: DeepseekV3ForCausalLM, block_size: int, use_mtp: bool, dtype: torch.dtype) -> int:
@@ -47,6 +54,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int]) -> torch.Tensor:
         # tokens[b]: the ids sequence b computes, at positions starts[b]..; -> final hidden [sum(len), H]
+        if self.graphs is not None and all(len(t) == 1 for t in tokens) and self.graphs.can_run(len(tokens)):
+            bs = self.block_size
+            return self.graphs.run([t[0] for t in tokens], starts,
+                                   [tb[p // bs] * bs + p % bs for tb, p in zip(tables, starts)], tables,
+                                   [p + 1 for p in starts])
         positions, meta = self._meta(tables, starts, [len(t) for t in tokens])
         ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long, device=self.device)
         return self.model.forward_cached(ids, positions, self.caches, meta)

@@ -84,11 +84,12 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAtte
     """
     flat = cache.view(-1, cache.shape[-1])
     if meta.is_decode:
-        B = meta.num_seqs
-        max_len = max(meta.seq_lens)
-        nblk = -(-max_len // meta.block_size)
+        # Reads every block of the table (its width is the batch's context bucket) and masks by seq_lens_t:
+        # no host-side lengths, so the same code runs inside a CUDA graph.
+        B, W = meta.block_tables.shape
+        max_len = W * meta.block_size
         offs = torch.arange(meta.block_size, device=q.device)
-        slots = (meta.block_tables[:, :nblk, None] * meta.block_size + offs).reshape(B, -1)[:, :max_len]
+        slots = (meta.block_tables[:, :, None] * meta.block_size + offs).reshape(B, -1)
         kv = flat[slots]                                                    # [B, L, D]
         scores = torch.einsum("bhd,bld->bhl", q, kv).float() * scale
         pad = torch.arange(max_len, device=q.device)[None, :] >= meta.seq_lens_t[:, None]

@@ -1,6 +1,8 @@
 """Engine fixtures: one fp32 tiny model shared by the engine tests, and its no-cache greedy reference."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,9 +11,12 @@ from raymoe.platform.engine import LLMEngine
 from raymoe.platform.model import from_pretrained
 
 
+DEVICE = os.environ.get("RAYMOE_TEST_DEVICE", "cpu")   # the engine suite also runs on a GPU machine
+
+
 @pytest.fixture(scope="session")
 def model32(tiny_ckpt_fp32):
-    return from_pretrained(tiny_ckpt_fp32, dtype=torch.float32)
+    return from_pretrained(tiny_ckpt_fp32, dtype=torch.float32, device=DEVICE)
 
 
 @pytest.fixture
@@ -19,13 +24,13 @@ def make_engine(tiny_ckpt_fp32, model32):
     def make(**kw) -> LLMEngine:
         kw.setdefault("num_blocks", 512)
         kw.setdefault("block_size", 4)
-        return LLMEngine(EngineConfig(model=str(tiny_ckpt_fp32), **kw), model=model32)
+        return LLMEngine(EngineConfig(model=str(tiny_ckpt_fp32), device=DEVICE, **kw), model=model32)
     return make
 
 
 def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     """Argmax decoding with a full re-forward per token (no cache): the ground truth."""
-    ids = torch.tensor(prompt)[None]
+    ids = torch.tensor(prompt, device=next(model.parameters()).device)[None]
     with torch.no_grad():
         for _ in range(n):
             ids = torch.cat([ids, model(ids)[0, -1].argmax().view(1, 1)], dim=1)
