@@ -201,9 +201,10 @@ def main() -> None:
           f"in {time.perf_counter() - t:.0f}s", flush=True)
     with torch.no_grad():   # same weights, same function: a bf16-level agreement check before timing
         ids = torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)).to(DEV)
-        a, b = ours(ids).float(), hf(ids).logits.float()
-        print(f"raymoe vs transformers logits, same weights: rel err {((a - b).norm() / b.norm()).item():.2e}, "
-              f"argmax agreement {(a.argmax(-1) == b.argmax(-1)).float().mean().item():.2f}", flush=True)
+        lo, lh = ours(ids).float(), hf(ids).logits.float()
+        print(f"raymoe vs transformers logits, same weights (bf16): rel err {((lo - lh).norm() / lh.norm()).item():.2e}, "
+              f"argmax agreement {(lo.argmax(-1) == lh.argmax(-1)).float().mean().item():.2f}", flush=True)
+        del lo, lh
     rows = []
     for B in [int(x) for x in a.batches.split(",")]:
         step, uniq = bench_ours(ours, cfg, B, a.prompt, a.steps)

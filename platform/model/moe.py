@@ -90,13 +90,13 @@ class RoutedExperts(nn.Module):
         counts = torch.zeros(self.count + 1, dtype=torch.int32, device=x.device)
         counts.index_add_(0, key, torch.ones_like(key, dtype=torch.int32))
         offs = counts[:-1].cumsum(0, dtype=torch.int32)                       # group ends over the sorted rows
-        rows = order // k
-        h = torch._grouped_mm(x[rows], self.gate_up_proj.transpose(1, 2), offs=offs)      # [N*k, 2I]
+        h = torch._grouped_mm(x[order // k], self.gate_up_proj.transpose(1, 2), offs=offs)  # [N*k, 2I]
         gate, up = h.chunk(2, dim=-1)
         y = torch._grouped_mm((F.silu(gate) * up).contiguous(), self.down_proj.transpose(1, 2), offs=offs)
-        w = topk_w.flatten()[order].to(x.dtype)
-        y = torch.where(held[order][:, None], y * w[:, None], 0)             # rows past the last group: undefined
-        return torch.zeros_like(x).index_add_(0, rows, y)
+        y = torch.where(held[order][:, None], y, 0)                           # rows past the last group: undefined
+        # un-sort (a permutation: deterministic, unlike atomic index_add) and reduce over k in fp32
+        y = torch.empty_like(y).index_copy_(0, order, y).view(-1, k, y.shape[-1])
+        return torch.einsum("nkh,nk->nh", y.float(), topk_w.float()).to(x.dtype)
 
     def _loop(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
