@@ -5,7 +5,9 @@ import subprocess
 import sys
 import zipfile
 
-from conftest import REPO
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stdlib_platform_not_shadowed_from_repo_root():

@@ -10,7 +10,7 @@ import pytest
 from raymoe.platform.config import SamplingParams
 from raymoe.platform.engine import AsyncEngine, RequestError
 from raymoe.platform.engine.detokenizer import IncrementalDetokenizer
-from conftest import greedy_reference, prompts
+from engine_helpers import greedy_reference, prompts
 
 
 def test_stream_cancel_and_keep_serving(make_engine, model32):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from raymoe.platform.config import SamplingParams
-from conftest import greedy_reference, prompts
+from engine_helpers import greedy_reference, prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 

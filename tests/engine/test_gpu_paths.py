@@ -10,7 +10,7 @@ import torch
 from raymoe.platform.config import EngineConfig, SamplingParams
 from raymoe.platform.engine import LLMEngine
 from raymoe.platform.model import from_pretrained
-from conftest import prompts
+from engine_helpers import prompts
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from raymoe.platform.config import SamplingParams
 from raymoe.platform.engine import RequestError
 from raymoe.platform.engine.sampler import processed_probs, verify_drafts
-from conftest import prompts
+from engine_helpers import prompts
 
 
 @pytest.mark.parametrize("kw, needle", [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -3}, "max_tokens"),
