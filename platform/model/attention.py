@@ -91,11 +91,11 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAtte
         offs = torch.arange(meta.block_size, device=q.device)
         slots = (meta.block_tables[:, :, None] * meta.block_size + offs).reshape(B, -1)
         kv = flat[slots]                                                    # [B, L, D]
-        scores = torch.einsum("bhd,bld->bhl", q, kv).float() * scale
+        scores = torch.bmm(q, kv.transpose(1, 2)).float() * scale           # [B, H, L]
         pad = torch.arange(max_len, device=q.device)[None, :] >= meta.seq_lens_t[:, None]
         scores.masked_fill_(pad[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(kv.dtype)
-        return torch.einsum("bhl,blr->bhr", probs, kv[..., :value_dim])
+        return torch.bmm(probs, kv[..., :value_dim])                        # [B, H, R]
     out = q.new_empty(q.shape[0], q.shape[1], value_dim)
     for b in range(meta.num_seqs):
         s, e = meta.query_start[b], meta.query_start[b + 1]

@@ -64,12 +64,13 @@ class MLA(nn.Module):
     def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
         # q_nope: [N, H, nope], q_pe: [N, H, rope] -> [N, H, R + rope]
         w_uk, _ = self._w_uk_uv()
-        return torch.cat([torch.einsum("nhd,hdr->nhr", q_nope, w_uk), q_pe], dim=-1)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)        # per head: [N, nope] @ [nope, R]
+        return torch.cat([q_lat, q_pe], dim=-1)
 
     def absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
         # o_lat: [N, H, R] -> [N, hidden]
         _, w_uv = self._w_uk_uv()
-        o = torch.einsum("nhr,hvr->nhv", o_lat, w_uv)
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)   # per head: [N, R] @ [R, v]
         return self.o_proj(o.reshape(o.shape[0], -1))
 
     # ---- the three paths -----------------------------------------------------------------------------------------

@@ -72,7 +72,19 @@ class RoutedExperts(nn.Module):
         # x: [N, H]; topk_ids/topk_w: [N, k] (global expert ids) -> [N, H] sum over the held experts
         if self._grouped_ok(x):
             return self._grouped(x, topk_ids, topk_w)
+        if topk_ids.numel() <= 16 and self.count == self.n_total and not torch.is_grad_enabled():
+            return self._gathered(x, topk_ids, topk_w)
         return self._loop(x, topk_ids, topk_w)
+
+    def _gathered(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """A few tokens (CPU decode): gather the chosen experts' weights and run two batched products, instead of
+        a dozen small per-expert calls. Copies k expert matrices per token, so only for tiny batches."""
+        N, k = topk_ids.shape
+        ids = topk_ids.flatten()
+        xs = x.repeat_interleave(k, dim=0)[:, :, None]                                  # [N*k, H, 1]
+        gate, up = torch.bmm(self.gate_up_proj[ids], xs).squeeze(-1).chunk(2, dim=-1)  # [N*k, I] each
+        y = torch.bmm(self.down_proj[ids], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # [N*k, H]
+        return (y.view(N, k, -1) * topk_w.to(x.dtype)[..., None]).sum(1)
 
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         """Grouped GEMM: static shapes and no host sync (CUDA-graph safe). Inference only; 16-byte-aligned rows."""

@@ -1,4 +1,4 @@
-"""The GPU decode machinery: grouped-GEMM experts equal the per-expert loop; CUDA-graph decode equals eager.
+"""Expert kernels agree (grouped GEMM, gathered small-batch, per-expert loop); CUDA-graph decode equals eager.
 
 The grouped path is checked on any machine (torch's CPU fallback of _grouped_mm); the CUDA-graph test needs a GPU.
 """
@@ -23,7 +23,9 @@ def test_grouped_experts_equal_loop(tiny_ckpt_fp32):
         ids, w, _ = gate(x)
         ref = experts._loop(x, ids, w)
         got = experts._grouped(x, ids, w)
+        few = experts._gathered(x[:3], ids[:3], w[:3])
     assert (got - ref).abs().max() < 1e-5
+    assert (few - ref[:3]).abs().max() < 1e-5
     with torch.no_grad():    # a shard holding experts 4..11 only: the other rows contribute nothing
         from raymoe.platform.model import RoutedExperts
         part = RoutedExperts(cpu.config, 4, 8)
