@@ -29,6 +29,7 @@ class PagedAttention:
     seq_lens: list[int]                 # B host ints
     block_size: int
     seq_lens_t: torch.Tensor = field(default=None)  # [B] long on device (decode path)
+    _decode: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.seq_lens_t is None:
@@ -41,6 +42,17 @@ class PagedAttention:
     @property
     def is_decode(self) -> bool:
         return self.query_start[-1] == len(self.seq_lens)
+
+    def decode_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, W * block_size] slots of every block in the tables, and the padding mask past each length.
+        Computed once per batch and shared by all layers."""
+        if self._decode is None:
+            B, W = self.block_tables.shape
+            offs = torch.arange(self.block_size, device=self.block_tables.device)
+            slots = (self.block_tables[:, :, None] * self.block_size + offs).reshape(B, -1)
+            pad = torch.arange(W * self.block_size, device=slots.device)[None, :] >= self.seq_lens_t[:, None]
+            self._decode = (slots, pad)
+        return self._decode
 
     def slots_of(self, b: int, length: int) -> torch.Tensor:
         """[length] flat slots holding the first `length` tokens of sequence b."""
@@ -86,13 +98,9 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAtte
     if meta.is_decode:
         # Reads every block of the table (its width is the batch's context bucket) and masks by seq_lens_t:
         # no host-side lengths, so the same code runs inside a CUDA graph.
-        B, W = meta.block_tables.shape
-        max_len = W * meta.block_size
-        offs = torch.arange(meta.block_size, device=q.device)
-        slots = (meta.block_tables[:, :, None] * meta.block_size + offs).reshape(B, -1)
+        slots, pad = meta.decode_slots()
         kv = flat[slots]                                                    # [B, L, D]
         scores = torch.bmm(q, kv.transpose(1, 2)).float() * scale           # [B, H, L]
-        pad = torch.arange(max_len, device=q.device)[None, :] >= meta.seq_lens_t[:, None]
         scores.masked_fill_(pad[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(kv.dtype)
         return torch.bmm(probs, kv[..., :value_dim])                        # [B, H, R]

@@ -24,6 +24,8 @@ def test_grouped_experts_equal_loop(tiny_ckpt_fp32):
         ref = experts._loop(x, ids, w)
         got = experts._grouped(x, ids, w)
         few = experts._gathered(x[:3], ids[:3], w[:3])
+        padded = experts._padded(x, ids, w)
+    assert (padded - ref).abs().max() < 1e-5
     assert (got - ref).abs().max() < 1e-5
     assert (few - ref[:3]).abs().max() < 1e-5
     with torch.no_grad():    # a shard holding experts 4..11 only: the other rows contribute nothing
@@ -32,6 +34,7 @@ def test_grouped_experts_equal_loop(tiny_ckpt_fp32):
         part.gate_up_proj.copy_(experts.gate_up_proj[4:12])
         part.down_proj.copy_(experts.down_proj[4:12])
         assert (part._grouped(x, ids, w) - part._loop(x, ids, w)).abs().max() < 1e-5
+        assert (part._padded(x, ids, w) - part._loop(x, ids, w)).abs().max() < 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
