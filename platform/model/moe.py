@@ -111,9 +111,9 @@ class RoutedExperts(nn.Module):
         return (y.view(N, k, -1) * topk_w.to(x.dtype)[..., None]).sum(1)
 
     def _grouped_ok(self, x: torch.Tensor) -> bool:
-        """Grouped GEMM: static shapes and no host sync (CUDA-graph safe). Inference only; 16-byte-aligned rows."""
-        if not x.is_cuda or x.dtype != torch.bfloat16 or torch.is_grad_enabled() or not hasattr(torch, "_grouped_mm"):
-            return False   # on CPU the per-expert loop is faster (measured); CUDA's grouped GEMM takes bf16
+        """Grouped GEMM: static shapes and no host sync (CUDA-graph safe); 16-byte-aligned rows."""
+        if not x.is_cuda or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+            return False   # CUDA's grouped GEMM takes bf16 (and has a backward: training uses it too)
         align = 16 // x.element_size()
         return x.shape[1] % align == 0 and self.down_proj.shape[2] % align == 0
 
