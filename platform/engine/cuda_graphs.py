@@ -57,6 +57,7 @@ class DecodeGraphs:
                 run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        meta._decode = None                 # per-batch derived indices must be recomputed inside the graph
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
             buf["out"] = run()
         self.pool = graph.pool()
