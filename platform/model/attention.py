@@ -40,6 +40,13 @@ class PagedAttention:
         return len(self.seq_lens)
 
     @property
+    def uniform_query_len(self) -> int | None:
+        """The number of new tokens per sequence when all sequences have the same, else None."""
+        q = self.query_start[1] - self.query_start[0]
+        same = all(self.query_start[b + 1] - self.query_start[b] == q for b in range(self.num_seqs))
+        return q if same else None
+
+    @property
     def is_decode(self) -> bool:
         return self.query_start[-1] == len(self.seq_lens)
 
@@ -104,6 +111,19 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAtte
         scores.masked_fill_(pad[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(kv.dtype)
         return torch.bmm(probs, kv[..., :value_dim])                        # [B, H, R]
+    qlen = meta.uniform_query_len
+    if qlen is not None and qlen <= 16:
+        # every sequence computes the same few tokens (MTP verification, short chunks): one batched product
+        B, H, D = meta.num_seqs, q.shape[1], q.shape[2]
+        slots, _ = meta.decode_slots()
+        kv = flat[slots]                                                    # [B, L, D]
+        L = kv.shape[1]
+        scores = torch.bmm(q.view(B, qlen * H, D), kv.transpose(1, 2)).float().view(B, qlen, H, L) * scale
+        pos = meta.seq_lens_t[:, None] - qlen + torch.arange(qlen, device=q.device)          # [B, q]
+        hide = torch.arange(L, device=q.device)[None, None, :] > pos[:, :, None]              # [B, q, L]
+        scores.masked_fill_(hide[:, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(kv.dtype).view(B, qlen * H, L)
+        return torch.bmm(probs, kv[..., :value_dim]).view(B * qlen, H, value_dim)
     out = q.new_empty(q.shape[0], q.shape[1], value_dim)
     for b in range(meta.num_seqs):
         s, e = meta.query_start[b], meta.query_start[b + 1]
