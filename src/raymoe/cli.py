@@ -110,6 +110,16 @@ def generate(
 
 
 @app.command()
+def finetune(
+    config: Path = typer.Option(..., "--config", help="job YAML (see finetune/configs/tiny-lora.yaml)"),
+    set_: list[str] = typer.Option([], "--set", help="override a job key, KEY=VALUE (repeatable)"),
+) -> None:
+    """Run a LoRA (or full) finetuning job on Ray Train; the same as `python -m raymoe.finetune`."""
+    from raymoe.finetune.__main__ import run_cli
+    raise typer.Exit(run_cli(config, set_))
+
+
+@app.command()
 def version() -> None:
     """Print the raymoe version."""
     from raymoe import __version__

@@ -1,0 +1,45 @@
+"""Fixtures for the finetuning tests: an fp32 tiny checkpoint, the Q&A pairs, one thread, a Ray per module."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ft_helpers import QA
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as each Ray Train worker has: on a shared 2-core machine two threads that wait on
+    each other at every op make the tiny model 10-20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny32(write_ckpt) -> Path:
+    """fp32 tiny preset (1 dense + 3 MoE layers of 16 experts, MTP): exact comparisons with transformers."""
+    return write_ckpt("ft_tiny32", seed=0, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def qa_pairs() -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in QA.read_text().splitlines() if line.strip()]
+    return [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """Ray for this module: a new local instance (address='local', never a cluster someone else started on the
+    machine), or the one another fixture of this process already holds (then left running)."""
+    import ray
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()

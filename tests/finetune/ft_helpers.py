@@ -1,0 +1,33 @@
+"""Helpers shared by the finetuning tests (a plain module: test files import it by name)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "finetune" / "configs"
+QA = CONFIGS / "tiny-qa.jsonl"
+
+
+def greedy(model, tok, question: str, max_new: int = 12) -> str:
+    """Greedy answer of a raymoe model to one chat question (full recompute each token: tiny models only)."""
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True)["input_ids"]
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+    return tok.decode(out)
+
+
+def randomize_lora(model, seed: int = 0, std: float = 0.2) -> None:
+    """Give every LoRA factor random values (a fresh adapter has B = 0 and changes nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
