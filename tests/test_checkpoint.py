@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from raymoe.platform.checkpoint import CheckpointError, SafetensorsReader, dequantize_blockwise, quantize_blockwise
 from raymoe.platform.config import ModelConfig

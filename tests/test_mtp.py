@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from safetensors import safe_open
 
 from raymoe.platform.checkpoint import SafetensorsReader
 from raymoe.platform.model import from_pretrained

@@ -83,7 +83,6 @@ class BlockManager:
             self._take(b)
         seq.block_table = hits + [self._fresh() for _ in range(need)]
         seq.num_computed_tokens = cached
-        seq.num_cached_prefix_tokens = cached
         if hits:
             self.prefix_hits += 1
         return True

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,8 +50,6 @@ class _Out:
     """Per-sequence output state kept by the engine (detokenizer, stop-string holdback)."""
     detok: IncrementalDetokenizer | None
     emitted_chars: int = 0
-    pending_ids: list[int] = field(default_factory=list)
-    pending_logprobs: list[dict] = field(default_factory=list)
 
 
 def _dtype(cfg: EngineConfig) -> torch.dtype:
@@ -270,12 +268,12 @@ class LLMEngine:
             if seq.is_finished:
                 out.detok.flush()
             full = out.detok.text
-            for stop in p.stop:
-                at = full.find(stop, max(0, out.emitted_chars - len(stop)))
-                if at >= 0 and not (seq.is_finished and seq.finish_reason == "stop" and at >= len(full)):
+            for stop in p.stop:               # text already emitted never contains a stop string (holdback)
+                at = full.find(stop, max(0, out.emitted_chars - len(stop) + 1))
+                if at >= 0:
                     full = full[:at]
-                    if not seq.is_finished or seq.finish_reason != "stop":
-                        seq.finish_reason, seq.status = "stop", Status.FINISHED
+                    seq.finish_reason, seq.status = "stop", Status.FINISHED
+                    break
             hold = 0 if seq.is_finished else max((len(s) - 1 for s in p.stop), default=0)
             upto = max(out.emitted_chars, len(full) - hold)
             text = full[out.emitted_chars:upto]

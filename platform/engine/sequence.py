@@ -33,7 +33,6 @@ class Sequence:
         self.params = params
         self.status = Status.WAITING
         self.num_computed_tokens = 0           # tokens whose latents are in the cache (valid)
-        self.num_cached_prefix_tokens = 0      # of those, how many came from the prefix cache
         self.block_table: list[int] = []
         self.finish_reason: str | None = None
         self.draft_ids: list[int] = []         # MTP drafts for the positions after the last token
@@ -42,7 +41,6 @@ class Sequence:
         self.spec_accepted = 0
         self.num_preemptions = 0
         self.output_counts: Counter[int] = Counter()
-        self.logprobs: list[dict] = []
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)
@@ -73,7 +71,6 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Preempted: drop the cache; the prompt and the tokens generated so far are recomputed later."""
         self.num_computed_tokens = 0
-        self.num_cached_prefix_tokens = 0
         self.block_table = []
         self.draft_ids = []
         self.draft_probs = None

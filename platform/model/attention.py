@@ -30,6 +30,7 @@ class PagedAttention:
     block_size: int
     seq_lens_t: torch.Tensor = field(default=None)  # [B] long on device (decode path)
     _decode: tuple | None = field(default=None, repr=False)
+    _prefill: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.seq_lens_t is None:
@@ -60,6 +61,12 @@ class PagedAttention:
             pad = torch.arange(W * self.block_size, device=slots.device)[None, :] >= self.seq_lens_t[:, None]
             self._decode = (slots, pad)
         return self._decode
+
+    def prefill_slots(self, b: int) -> torch.Tensor:
+        """Slots of sequence b's whole context, computed once per batch and shared by all layers."""
+        if b not in self._prefill:
+            self._prefill[b] = self.slots_of(b, self.seq_lens[b])
+        return self._prefill[b]
 
     def slots_of(self, b: int, length: int) -> torch.Tensor:
         """[length] flat slots holding the first `length` tokens of sequence b."""
@@ -130,7 +137,7 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAtte
         if e == s:
             continue
         L = meta.seq_lens[b]
-        kv = flat[meta.slots_of(b, L)]
+        kv = flat[meta.prefill_slots(b)]
         q_pos = torch.arange(L - (e - s), L, device=q.device)
         out[s:e] = causal_latent_attention(q[s:e], kv, q_pos, scale, value_dim)
     return out

@@ -60,7 +60,7 @@ class MTPLayer(nn.Module):
 
     h' = block(eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)])) at position i; logits = head(shared_head.norm(h')).
     h_i is the main model's final hidden state (after model.norm, as vLLM feeds it); embed and head are the main
-    model's (the checkpoint stores copies under this layer, which the loader checks and does not duplicate).
+    model's (the checkpoint stores copies under this layer; the loader does not read them, so they are not held twice).
     """
 
     def __init__(self, cfg: ModelConfig, index: int, rope: RotaryEmbedding,
