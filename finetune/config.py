@@ -99,8 +99,9 @@ class CheckpointSpec(_Strict):
 
 
 class DebugConfig(_Strict):
-    """Fault injection for tests: the worker process of `fail_rank` exits right after optimizer step
-    `fail_at_step` unless the attempt started from a checkpoint (so a resumed run goes on)."""
+    """Fault injection for tests: the worker process of `fail_rank` exits after optimizer step `fail_at_step`
+    (once the controller has committed the checkpoint before it) unless the attempt started from a checkpoint
+    (so a resumed run goes on)."""
 
     fail_at_step: int | None = Field(None, gt=0)
     fail_rank: int = Field(0, ge=0)
