@@ -3,6 +3,8 @@ checkpoint, prompts and greedy settings, in one run; checks that raymoe's greedy
 
     .venv/bin/python benchmarks/cpu_decode.py [--max-tokens 64] [--concurrency 1,8,32] [--skip-vllm]
 
+raymoe runs eager and with `cpu_compile` (decode and MTP-verification steps through torch.compile; the compile
+warm-up is reported apart and excluded, as each peer's start-up is).
 Needs `bash benchmarks/setup_vllm.sh` once (vLLM in its own venv under .cache/). Throughput is generated tokens
 over the wall time of the whole batch (prefill included), as each peer's offline API is used; every request makes
 exactly max_tokens tokens (ignore_eos). The peers run one at a time, so no two share the 2 cores.
@@ -33,20 +35,24 @@ def run_peer(cmd: list[str], log: Path) -> dict:
 
 
 def bench_raymoe(model: str, prompts: list[list[int]], max_tokens: int, conc: list[int], threads: int, mtp: int,
-                 repeats: int) -> dict:
+                 repeats: int, compiled: bool = False) -> dict:
     import torch
 
     from raymoe.platform.config import EngineConfig, SamplingParams
     from raymoe.platform.engine import LLMEngine
     eng = LLMEngine(EngineConfig(model=model, dtype="float32", cpu_threads=threads, num_speculative_tokens=mtp,
-                                 max_num_seqs=64, kv_cache_memory_gb=1.0))
+                                 max_num_seqs=64, kv_cache_memory_gb=1.0, cpu_compile=compiled))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     rows, tokens, spec = [], None, (0, 0)
-    eng.generate([prompts[0]], params)                                   # warm-up
+    t = time.perf_counter()
+    eng.generate([prompts[0]], params)                                   # warm-up (compiles the single-sequence graph)
+    warmup = time.perf_counter() - t
     for c in conc:
         batch = take(prompts, c)
-        eng.generate(batch, params)
+        t = time.perf_counter()
+        eng.generate(batch, params)                                      # warm-up (and the batch graph)
+        warmup += time.perf_counter() - t
         runs = []
         for _ in range(repeats):
             t = time.perf_counter()
@@ -65,9 +71,12 @@ def bench_raymoe(model: str, prompts: list[list[int]], max_tokens: int, conc: li
         p = sum(r["outputs"][0]["spec"][0] for r in res)
         a = sum(r["outputs"][0]["spec"][1] for r in res)
         spec = (spec[0] + p, spec[1] + a)
-        print(f"[raymoe threads={threads} mtp={mtp}] {rows[-1]}", file=sys.stderr, flush=True)
+        print(f"[raymoe threads={threads} mtp={mtp} compiled={compiled}] {rows[-1]}", file=sys.stderr, flush=True)
+    if compiled and eng.runner.compiled.failed:
+        raise RuntimeError(f"cpu_compile fell back to eager: {eng.runner.compiled.failed}")
     return {"peer": "raymoe", "results": rows, "greedy_tokens": tokens, "torch_threads": torch.get_num_threads(),
-            "mtp_acceptance": spec[1] / spec[0] if spec[0] else None}
+            "mtp_acceptance": spec[1] / spec[0] if spec[0] else None, "compiled": compiled,
+            "warmup_seconds": round(warmup, 1)}
 
 
 def main() -> None:
@@ -93,7 +102,9 @@ def main() -> None:
     report: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "max_tokens": a.max_tokens}
     report["raymoe_1t"] = bench_raymoe(str(model), prompts, a.max_tokens, conc, 1, 0, a.repeats)
     report["raymoe_2t"] = bench_raymoe(str(model), prompts, a.max_tokens, conc, 2, 0, a.repeats)
-    report["raymoe_mtp"] = bench_raymoe(str(model), prompts, a.max_tokens, conc, 1, 1, a.repeats)
+    report["raymoe_c1t"] = bench_raymoe(str(model), prompts, a.max_tokens, conc, 1, 0, a.repeats, compiled=True)
+    report["raymoe_c2t"] = bench_raymoe(str(model), prompts, a.max_tokens, conc, 2, 0, a.repeats, compiled=True)
+    report["raymoe_mtp"] = bench_raymoe(str(model), prompts, a.max_tokens, conc, 1, 1, a.repeats, compiled=True)
     report["hf"] = run_peer([sys.executable, str(HERE / "peers" / "hf_peer.py"), *common, "--eos", "ignore"],
                             logs / "hf_peer.log")
     vpy = ROOT / ".cache" / "vllm-venv" / "bin" / "python"
@@ -110,23 +121,30 @@ def main() -> None:
         return float("nan")
     print(f"\nCPU decode, tiny 'vllm' preset (fp32), {a.max_tokens} greedy tokens per request, "
           f"{os.cpu_count()} cores, tokens/s (generated tokens / wall time, prefill included)\n")
-    head = "| concurrency | raymoe 1 thread | raymoe 2 threads | raymoe + MTP k=1 | HF generate (batch) | HF sequential"
+    ours = ("raymoe_1t", "raymoe_2t", "raymoe_c1t", "raymoe_c2t")
+    head = ("| concurrency | raymoe eager 1 thread | raymoe eager 2 threads | raymoe compiled 1 thread | "
+            "raymoe compiled 2 threads | raymoe compiled + MTP k=1 | HF generate (batch) | HF sequential")
     head += " | vLLM CPU | raymoe/HF batch | raymoe/HF sequential | raymoe/vLLM |" if "vllm" in report else \
         " | raymoe/HF batch | raymoe/HF sequential |"
     print(head)
     print("|" + " --- |" * (head.count("|") - 1))
     for c in conc:
-        best = max(rate("raymoe_1t", c), rate("raymoe_2t", c))
-        row = (f"| {c} | {rate('raymoe_1t', c):.0f} | {rate('raymoe_2t', c):.0f} | {rate('raymoe_mtp', c):.0f} | "
-               f"{rate('hf', c, 'batch'):.0f} | {rate('hf', c, 'sequential'):.0f} |")
+        best = max(rate(k, c) for k in ours)
+        row = (f"| {c} | " + " | ".join(f"{rate(k, c):.0f}" for k in (*ours, "raymoe_mtp")) +
+               f" | {rate('hf', c, 'batch'):.0f} | {rate('hf', c, 'sequential'):.0f} |")
         if "vllm" in report:
             row += f" {rate('vllm', c):.0f} |"
         row += f" {best / rate('hf', c, 'batch'):.1f}x | {best / rate('hf', c, 'sequential'):.1f}x |"
         if "vllm" in report:
             row += f" {best / rate('vllm', c):.2f}x |"
         print(row)
+    print(f"\ncompile warm-up (first use of each shape class, included in no figure above): "
+          f"{report['raymoe_c1t']['warmup_seconds']} s (1 thread), {report['raymoe_c2t']['warmup_seconds']} s (2)")
+    same_compiled = all(report[k]["greedy_tokens"] == report["raymoe_1t"]["greedy_tokens"]
+                        for k in ("raymoe_c1t", "raymoe_c2t", "raymoe_mtp"))
+    print(f"compiled (and MTP) greedy tokens equal to eager: {same_compiled}")
     ours = report["raymoe_1t"]["greedy_tokens"]
-    print(f"\ngreedy tokens equal to HF's: {ours == report['hf']['greedy_tokens'][:len(ours)]}")
+    print(f"greedy tokens equal to HF's: {ours == report['hf']['greedy_tokens'][:len(ours)]}")
     if "vllm" in report:
         v = report["vllm"]["greedy_tokens"]
         same = sum(x == y for x, y in zip(ours, v))

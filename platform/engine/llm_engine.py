@@ -81,7 +81,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.blocks)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.num_spec > 0,
-                                  None if cfg.enforce_eager else cfg.cuda_graph_sizes, self.max_model_len)
+                                  None if cfg.enforce_eager else cfg.cuda_graph_sizes, self.max_model_len,
+                                  {1, self.num_spec + 1} if cfg.cpu_compile and not cfg.enforce_eager else None)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         if tokenizer is None and (Path(cfg.model) / "tokenizer.json").is_file():
             from transformers import AutoTokenizer

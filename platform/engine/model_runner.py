@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import torch
 
+from raymoe.platform.engine.compiled_decode import CompiledDecode
 from raymoe.platform.engine.cuda_graphs import DecodeGraphs
 from raymoe.platform.model import DeepseekV3ForCausalLM, PagedAttention
 
 
 class ModelRunner:
     def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int, use_mtp: bool,
-                 graph_sizes: list[int] | None = None, max_model_len: int = 131072) -> None:
+                 graph_sizes: list[int] | None = None, max_model_len: int = 131072,
+                 compile_query_lens: set[int] | None = None) -> None:
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -28,6 +30,9 @@ class ModelRunner:
         if graph_sizes and DecodeGraphs.supported(model):
             self.graphs = DecodeGraphs(model, self.caches[:cfg.num_hidden_layers], block_size, graph_sizes,
                                        scratch_block=num_blocks, max_blocks=-(-max_model_len // block_size))
+        self.compiled = None
+        if compile_query_lens and CompiledDecode.supported(model):
+            self.compiled = CompiledDecode(model, self.caches[:cfg.num_hidden_layers], block_size, compile_query_lens)
 
     @staticmethod
     def cache_bytes_per_block(model: DeepseekV3ForCausalLM, block_size: int, use_mtp: bool, dtype: torch.dtype) -> int:
@@ -59,6 +64,10 @@ class ModelRunner:
             return self.graphs.run([t[0] for t in tokens], starts,
                                    [tb[p // bs] * bs + p % bs for tb, p in zip(tables, starts)], tables,
                                    [p + 1 for p in starts])
+        if self.compiled is not None and self.compiled.can_run(tokens):
+            hidden = self.compiled.run(tokens, tables, starts)
+            if hidden is not None:
+                return hidden
         positions, meta = self._meta(tables, starts, [len(t) for t in tokens])
         ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long, device=self.device)
         return self.model.forward_cached(ids, positions, self.caches, meta)

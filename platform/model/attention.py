@@ -29,6 +29,7 @@ class PagedAttention:
     seq_lens: list[int]                 # B host ints
     block_size: int
     seq_lens_t: torch.Tensor = field(default=None)  # [B] long on device (decode path)
+    query_len: int | None = None        # set when every sequence computes this many tokens (see `uniform`)
     _decode: tuple | None = field(default=None, repr=False)
     _prefill: dict = field(default_factory=dict, repr=False)
 
@@ -36,19 +37,32 @@ class PagedAttention:
         if self.seq_lens_t is None:
             self.seq_lens_t = torch.tensor(self.seq_lens, dtype=torch.long, device=self.block_tables.device)
 
+    @classmethod
+    def uniform(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens_t: torch.Tensor,
+                query_len: int, block_size: int) -> PagedAttention:
+        """A batch where each of the B sequences computes `query_len` new tokens (decode: 1; MTP verification:
+        k + 1), described by device tensors only: no host list depends on B or on the lengths, so a compiled
+        or captured step can keep B and the context width symbolic."""
+        return cls(slot_mapping=slot_mapping, block_tables=block_tables, query_start=[], seq_lens=[],
+                   block_size=block_size, seq_lens_t=seq_lens_t, query_len=query_len)
+
     @property
     def num_seqs(self) -> int:
-        return len(self.seq_lens)
+        return self.block_tables.shape[0] if self.query_len is not None else len(self.seq_lens)
 
     @property
     def uniform_query_len(self) -> int | None:
         """The number of new tokens per sequence when all sequences have the same, else None."""
+        if self.query_len is not None:
+            return self.query_len
         q = self.query_start[1] - self.query_start[0]
         same = all(self.query_start[b + 1] - self.query_start[b] == q for b in range(self.num_seqs))
         return q if same else None
 
     @property
     def is_decode(self) -> bool:
+        if self.query_len is not None:
+            return self.query_len == 1
         return self.query_start[-1] == len(self.seq_lens)
 
     def decode_slots(self) -> tuple[torch.Tensor, torch.Tensor]:

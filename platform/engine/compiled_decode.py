@@ -1,0 +1,118 @@
+"""The CPU counterpart of CUDA graphs: decode steps (and MTP verification steps) run through torch.compile.
+
+A decode step of a small model on the CPU is mostly Python and per-op dispatch overhead (hundreds of small ops
+across the layers); Inductor fuses the elementwise work into a few C++ loops and calls the GEMMs directly. The
+compiled step takes device tensors only (token ids, positions, cache slots, block tables, lengths) and describes
+the batch with `PagedAttention.uniform`, so neither the batch size nor the context width is baked into the graph:
+after the first steps there is one graph for a single sequence and one for any larger batch, per query length
+(1 for decode, k + 1 for MTP verification). The caches are updated in place inside the graph. Compilation happens
+at first use (tens of seconds on two cores, cached on disk by Inductor for later processes); if it fails (no C++
+compiler, say), the runner logs why and stays eager.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from raymoe.platform.model import DeepseekV3ForCausalLM, PagedAttention
+
+log = logging.getLogger(__name__)
+
+# Routed experts stay eager inside the compiled step: their CPU paths sort rows by expert into data-dependent
+# shapes, which would break the graph. They run behind an opaque custom op that the compiler only sees as
+# "[N, H] in, [N, H] out"; `handle` picks the layer's expert computation.
+_EXPERTS: dict[int, object] = {}
+
+
+@torch.library.custom_op("raymoe::eager_experts", mutates_args=())
+def eager_experts(handle: int, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_w: torch.Tensor) -> torch.Tensor:
+    # x: [N, H]; topk_ids, topk_w: [N, k] -> routed output [N, H]
+    return _EXPERTS[handle](layer, x, topk_ids, topk_w)
+
+
+@eager_experts.register_fake
+def _(handle: int, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _OpaqueDispatch:
+    """An MoE dispatch for the compiled step. Local experts with at most 16 (token, expert) pairs are traced (their
+    gathered-weights path has static shapes: it fuses); anything larger, or a remote dispatch, goes through
+    `eager_experts`."""
+
+    def __init__(self, experts, remote) -> None:
+        self.experts, self.remote = experts, remote
+        self.handle = len(_EXPERTS)
+        _EXPERTS[self.handle] = remote or (lambda _layer, x, i, w: experts(x, i, w))
+
+    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        if self.remote is None and topk_ids.numel() <= 16:
+            return self.experts(x, topk_ids, topk_w)
+        return eager_experts(self.handle, layer, x, topk_ids, topk_w)
+
+
+class CompiledDecode:
+    def __init__(self, model: DeepseekV3ForCausalLM, caches: list[torch.Tensor], block_size: int,
+                 query_lens: set[int]) -> None:
+        self.model, self.caches, self.bs = model, caches, block_size
+        self.query_lens = query_lens
+        self.failed: str | None = None
+        self.top_k = model.config.num_experts_per_tok
+        self.seen: set[tuple] = set()
+        for moe in model.moe_layers():
+            if not isinstance(moe.dispatch, _OpaqueDispatch):
+                moe.dispatch = _OpaqueDispatch(moe.experts, moe.dispatch)
+        # the one-graph-per-shape-class design needs more than the default 8 cached graphs only when query
+        # lengths multiply; raise the limit modestly rather than recompiling silently into eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+        # freezing: the weights become constants of the graph, so Inductor prepacks them for its CPU GEMMs
+        # (about 1.5x on a decode step of the tiny model); a change of weights needs a new engine
+        self._step = torch.compile(self._forward, dynamic=None, options={"freezing": True})
+
+    @staticmethod
+    def supported(model: DeepseekV3ForCausalLM) -> bool:
+        return next(model.parameters()).device.type == "cpu"
+
+    def can_run(self, tokens: list[list[int]]) -> bool:
+        q = len(tokens[0])
+        return self.failed is None and q in self.query_lens and all(len(t) == q for t in tokens)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                 lens: torch.Tensor, query_len: int) -> torch.Tensor:
+        # ids, positions, slots: [B * q]; tables: [B, W]; lens: [B] -> final hidden [B * q, H]
+        meta = PagedAttention.uniform(slots, tables, lens, query_len, self.bs)
+        return self.model.forward_cached(ids, positions, self.caches, meta)
+
+    def run(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int]) -> torch.Tensor | None:
+        """The step for B sequences computing q tokens each at positions starts[b].. -> hidden [B * q, H], or
+        None when compilation failed (the caller runs the eager model)."""
+        B, q, bs = len(tokens), len(tokens[0]), self.bs
+        W = max(2, max(len(t) for t in tables))                 # >= 2: a dimension of size 1 cannot stay symbolic
+        table = torch.zeros(B, W, dtype=torch.long)
+        for r, t in enumerate(tables):
+            table[r, :len(t)] = torch.tensor(t)
+        pos = torch.tensor([s + j for s in starts for j in range(q)], dtype=torch.long)
+        flat = table.repeat_interleave(q, dim=0)
+        slots = flat.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs
+        ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
+        lens = torch.tensor(starts, dtype=torch.long) + q
+        torch._dynamo.mark_dynamic(table, 1)
+        if B > 1:
+            for t in (ids, pos, slots, table, lens):
+                torch._dynamo.mark_dynamic(t, 0)
+        # Once a shape class has a graph, evaluate only the guards that tell the existing graphs apart: the full
+        # guard set (every parameter of the model) costs a quarter of a millisecond per step.
+        key = (q, B == 1, B * q * self.top_k <= 16)
+        try:
+            if key in self.seen:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._step(ids, pos, slots, table, lens, q)
+            out = self._step(ids, pos, slots, table, lens, q)
+            self.seen.add(key)
+            return out
+        except Exception as e:                                  # noqa: BLE001 - any compiler failure: stay eager
+            self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
+            log.warning("torch.compile of the CPU decode step failed, running eager from now on: %s", self.failed)
+            return None
