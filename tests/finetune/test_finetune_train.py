@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raymoe.finetune.config import load_job
-from raymoe.finetune.launcher import run
+from raymoe.finetune.launcher import JobError, run
 from raymoe.platform.checkpoint.adapter import apply_adapter
 from raymoe.platform.model import from_pretrained
 
@@ -72,6 +72,22 @@ def test_worker_killed_midway_resumes_to_the_same_adapter(reference, tiny32, tmp
     assert worst <= 1e-6, worst
     losses = lambda d: [json.loads(x)["loss"] for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
     assert losses(job.output_dir) == pytest.approx(losses(ref_job.output_dir), rel=1e-6)
+
+
+def test_resubmitted_job_resumes_from_its_last_checkpoint(reference, tiny32, tmp_path):
+    """A job that fails for good (worker 1 exits after step 30, no retries left) and is then submitted again with
+    the same name and storage resumes from the step-20 checkpoint and ends with the uninterrupted run's adapter."""
+    ref_job, _ = reference
+    failing = _job(tiny32, tmp_path / "out", "debug.fail_at_step=30", "debug.fail_rank=1",
+                   "checkpoint.max_failures=0")
+    with pytest.raises(JobError, match="training failed"):
+        run(failing)
+    summary = run(_job(tiny32, tmp_path / "out"))
+    assert summary["resumed_at_steps"] == [20] and summary["steps"] == 60
+    a = load_file(str(Path(ref_job.output_dir) / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 def test_full_mode_trains_mtp_and_expert_bias(local_ray, tiny32, tmp_path):
