@@ -77,6 +77,8 @@ class ScalingSpec(_Strict):
     num_workers: int | tuple[int, int] = 2
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
+    strategy: Literal["ddp", "fsdp2"] = Field("ddp", description="ddp replicates the model on every worker; fsdp2 "
+                                               "shards weights, gradients and optimizer state (mode lora)")
 
     @field_validator("num_workers")
     @classmethod
@@ -128,6 +130,12 @@ class JobConfig(_Strict):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     debug: DebugConfig = Field(default_factory=DebugConfig)
+
+    @model_validator(mode="after")
+    def _fsdp2_lora_only(self) -> "JobConfig":
+        if self.scaling.strategy == "fsdp2" and self.mode != "lora":
+            raise ValueError("scaling.strategy fsdp2 is for mode lora (mode full trains small models: use ddp)")
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "JobConfig":

@@ -168,7 +168,7 @@ def lora_carriers(model: nn.Module) -> set[str]:
     return out
 
 
-def save_adapter(pm, out_dir: str | Path, base_model: str | None = None) -> Path:
+def save_adapter(pm, out_dir: str | Path, base_model: str | None = None, state_dict: dict | None = None) -> Path:
     """Write the adapter as PEFT does (adapter_config.json + adapter_model.safetensors, PEFT's own keys), with
     `saved_config` as its config.
 
@@ -179,7 +179,7 @@ def save_adapter(pm, out_dir: str | Path, base_model: str | None = None) -> Path
     from safetensors.torch import save_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(pm)
+    state = get_peft_model_state_dict(pm, state_dict=state_dict)     # state_dict: gathered from FSDP2 shards
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"),
               metadata={"format": "pt"})
     config = saved_config(pm.peft_config["default"])

@@ -14,7 +14,6 @@ import math
 import os
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +22,11 @@ import torch.distributed as dist
 
 from raymoe.finetune.balance import ExpertLoad
 from raymoe.finetune.batches import BatchPlan, collate, eval_batches
-from raymoe.finetune.checkpointing import TrainState, read_checkpoint, write_checkpoint, write_export
+from raymoe.finetune.checkpointing import TrainState, read_progress, read_weights, write_checkpoint, write_export
 from raymoe.finetune.config import JobConfig
 from raymoe.finetune.lora import apply_lora, plan_lora
 from raymoe.finetune.objective import CausalLMObjective, base_model, target_counts
+from raymoe.finetune.sharding import accumulating, as_float, gather_state, is_sharded, wrap
 from raymoe.finetune.tokens import TokenRows
 
 
@@ -71,10 +71,17 @@ def build_model(job: JobConfig, device: torch.device):
 @torch.no_grad()
 def evaluate(objective: CausalLMObjective, rows: TokenRows, micro: int, world: int, rank: int, pad_id: int,
              device: torch.device) -> tuple[float, float]:
-    """Mean main and MTP cross-entropy over every validation row (each worker takes a share)."""
+    """Mean main and MTP cross-entropy over every validation row (each worker takes a share). Under FSDP2 every
+    worker runs as many forwards as the busiest one (the extra ones on a row with no targets)."""
     sums = torch.zeros(4, dtype=torch.float64)
-    for idx in eval_batches(len(rows), micro, world, rank):
-        ids, mask = collate(rows, idx, pad_id)
+    batches = eval_batches(len(rows), micro, world, rank)
+    if is_sharded(objective):
+        most = len(eval_batches(len(rows), micro, world, 0))
+        batches += [None] * (most - len(batches))
+    for idx in batches:
+        ids, mask = collate(rows, idx if idx is not None else [0], pad_id)
+        if idx is None:
+            mask.zero_()
         main, mtp = objective(ids.to(device), mask.to(device))
         n_main, n_mtp = target_counts(mask)
         sums += torch.tensor([main.item(), n_main, mtp.item(), n_mtp], dtype=torch.float64)
@@ -87,7 +94,7 @@ class StepRunner:
     """One optimizer step's worth of what a worker needs (built once, used every step)."""
 
     job: JobConfig
-    ddp: torch.nn.Module                 # the objective, DDP-wrapped when world > 1
+    ddp: torch.nn.Module                 # the objective as `sharding.wrap` returns it (DDP, FSDP2 or bare)
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -113,7 +120,7 @@ class StepRunner:
         mtp_scale = job.mtp_loss_weight * world / max(1, n_mtp)             # batch weighs the same; DDP averages
         sums = torch.zeros(2, dtype=torch.float64)
         for i, (ids, mask) in enumerate(micro):
-            with self.ddp.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext():
+            with accumulating(self.ddp, sync=i == len(micro) - 1):
                 main, mtp = self.ddp(ids.to(self.device), mask.to(self.device))
                 loss = main * main_scale + (mtp * mtp_scale if job.mtp_loss_weight > 0 else 0)
                 loss.backward()
@@ -121,7 +128,7 @@ class StepRunner:
             sums += torch.tensor([main.item(), mtp.item()], dtype=torch.float64)
         lr = self.scheduler.get_last_lr()[0]
         clip = job.optim.grad_clip if job.optim.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        grad_norm = as_float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -142,7 +149,6 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray
     import ray.train
     import ray.train.torch
-    from torch.nn.parallel import DistributedDataParallel
 
     job = JobConfig.model_validate(config["job"])
     train_rows, val_rows, pad_id = ray.get(config["data"])
@@ -150,12 +156,14 @@ def train_loop_per_worker(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
-    net, params = build_model(job, device)
+    net, _ = build_model(job, device)
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:                       # weights before sharding: FSDP2 shards what is loaded
+        with resumed.as_directory() as d:
+            read_weights(Path(d), net=net, mode=job.mode)
     objective = CausalLMObjective(net, job.mtp_loss_weight)
-    # No buffer sync: the only buffers that change (gate biases) change identically on every worker.
-    ddp = objective if world == 1 else DistributedDataParallel(
-        objective, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
-        gradient_as_bucket_view=True)
+    ddp = wrap(objective, job.scaling.strategy, device, world)
+    params = [p for p in net.parameters() if p.requires_grad]     # after wrapping: FSDP2's sharded parameters
     optimizer = torch.optim.AdamW(params, lr=job.optim.lr, betas=job.optim.betas, eps=job.optim.eps,
                                   weight_decay=job.optim.weight_decay, foreach=True)
     plan = BatchPlan(len(train_rows), job.batch.global_size, job.batch.micro_size, world, rank, job.seed)
@@ -167,10 +175,10 @@ def train_loop_per_worker(config: dict) -> dict:
     trainer = StepRunner(job, ddp, params, optimizer, scheduler, plan, train_rows, pad_id, load, device, world)
 
     state = TrainState()
-    resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
-            state = read_checkpoint(Path(d), net=net, mode=job.mode, optimizer=optimizer, scheduler=scheduler)
+            state = read_progress(Path(d), net=net, optimizer=optimizer, scheduler=scheduler,
+                                  sharded=is_sharded(ddp))
         state.resumed_at.append(state.step)
     bar = _progress(steps, state.step) if rank == 0 and config.get("progress_bar") else None
 
@@ -192,15 +200,16 @@ def train_loop_per_worker(config: dict) -> dict:
             bar.update(1)
         save = last or state.step % job.checkpoint.every_steps == 0
         if save or state.step % job.log_every == 0:
-            _report(job, record, state, net, optimizer, scheduler, rank, save, last, steps)
+            _report(job, record, state, net, optimizer, scheduler, rank, save, last, steps, is_sharded(ddp))
     if bar is not None:
         bar.close()
     return {"steps": state.step, "tokens": state.tokens, "train_time_s": state.train_time_s, "world": world}
 
 
 def _report(job: JobConfig, record: dict, state: TrainState, net, optimizer, scheduler, rank: int, save: bool,
-            last: bool, steps: int) -> None:
+            last: bool, steps: int, sharded: bool) -> None:
     import ray.train
+    gathered = gather_state(net, optimizer, sharded) if save else None      # collective under FSDP2
     if rank == 0:
         eta = state.train_time_s / state.step * (steps - state.step)
         filled = round(20 * state.step / steps)
@@ -214,10 +223,10 @@ def _report(job: JobConfig, record: dict, state: TrainState, net, optimizer, sch
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         write_checkpoint(out, net=net, mode=job.mode, optimizer=optimizer, scheduler=scheduler, state=state,
-                         base_model=job.model)
+                         base_model=job.model, gathered=gathered)
         if last:
             write_export(out / "export", net=base_model(net) if job.mode == "full" else net, mode=job.mode,
-                         base_model=job.model, dtype=getattr(torch, job.dtype))
+                         base_model=job.model, dtype=getattr(torch, job.dtype), gathered=gathered)
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_step_{state.step:07d}")
 

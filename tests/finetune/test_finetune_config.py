@@ -61,3 +61,9 @@ def test_relative_paths_resolve_against_the_submitting_directory(tmp_path):
     assert job.data.train == [str(tmp_path / "finetune" / "configs" / "tiny-qa.jsonl")]
     assert job.data.validation == ["s3://bucket/val.jsonl"]
     assert job.storage_path == str(tmp_path / ".cache" / "adapters" / "tiny-qa" / "checkpoints")
+
+
+def test_fsdp2_is_for_lora_jobs():
+    with pytest.raises(JobConfigError, match="fsdp2 is for mode lora"):
+        load_job(CONFIGS / "tiny-lora.yaml", ["scaling.strategy=fsdp2", "mode=full"])
+    assert load_job(CONFIGS / "tiny-lora.yaml", ["scaling.strategy=fsdp2"]).scaling.strategy == "fsdp2"

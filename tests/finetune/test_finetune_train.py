@@ -90,6 +90,26 @@ def test_resubmitted_job_resumes_from_its_last_checkpoint(reference, tiny32, tmp
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_fsdp2_trains_like_ddp_and_resumes(reference, tiny32, tmp_path):
+    """scaling.strategy=fsdp2 (weights, gradients and AdamW state sharded over the 2 workers), with worker 1
+    killed after step 30: it resumes from the gathered step-20 checkpoint and ends where DDP ends."""
+    ref_job, ref = reference
+    job = _job(tiny32, tmp_path / "out", "scaling.strategy=fsdp2", "debug.fail_at_step=30", "debug.fail_rank=1",
+               "eval_every=20")
+    summary = run(job)
+    assert summary["resumed_at_steps"] == [20] and summary["steps"] == 60
+    a = load_file(str(Path(ref_job.output_dir) / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    scale = max(a[k].abs().max().item() for k in a)
+    # fp32 sums in another order (reduce-scatter vs all-reduce), which AdamW's normalisation amplifies on
+    # near-zero gradients: measured 2.6e-3 of the largest adapter value after 60 steps, loss curves within 6e-4
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-2 * scale
+    losses = lambda d: [json.loads(x)["loss"] for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+    assert losses(job.output_dir) == pytest.approx(losses(ref_job.output_dir), rel=3e-3)
+    assert summary["final_train_loss"] == pytest.approx(ref["final_train_loss"], rel=1e-3)
+
+
 def test_full_mode_trains_mtp_and_expert_bias(local_ray, tiny32, tmp_path):
     lines = [f"def add_{i}(a, b):\n    return a + b + {i}\n" for i in range(24)]
     data = tmp_path / "code.jsonl"
