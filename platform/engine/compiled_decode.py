@@ -1,13 +1,13 @@
-"""The CPU counterpart of CUDA graphs: decode steps (and MTP verification steps) run through torch.compile.
+"""The CPU counterpart of CUDA graphs: decode, MTP-verification and MTP-drafting steps run through torch.compile.
 
 A decode step of a small model on the CPU is mostly Python and per-op dispatch overhead (hundreds of small ops
 across the layers); Inductor fuses the elementwise work into a few C++ loops and calls the GEMMs directly. The
 compiled step takes device tensors only (token ids, positions, cache slots, block tables, lengths) and describes
 the batch with `PagedAttention.uniform`, so neither the batch size nor the context width is baked into the graph:
-after the first steps there is one graph for a single sequence and one for any larger batch, per query length
-(1 for decode, k + 1 for MTP verification). The caches are updated in place inside the graph. Compilation happens
-at first use (tens of seconds on two cores, cached on disk by Inductor for later processes); if it fails (no C++
-compiler, say), the runner logs why and stays eager.
+after the first steps there are a few graphs (a single sequence, a few, many) per query length (1 for decode,
+k + 1 for MTP verification), and the same for the MTP module. The caches are updated in place inside the graph.
+Compilation happens at first use (tens of seconds on two cores, cached on disk by Inductor for later processes);
+if it fails (no C++ compiler, say), the runner logs why and stays eager.
 """
 from __future__ import annotations
 
@@ -70,6 +70,7 @@ class CompiledDecode:
         # freezing: the weights become constants of the graph, so Inductor prepacks them for its CPU GEMMs
         # (about 1.5x on a decode step of the tiny model); a change of weights needs a new engine
         self._step = torch.compile(self._forward, dynamic=None, options={"freezing": True})
+        self._mtp_step = torch.compile(self._mtp_forward, dynamic=None, options={"freezing": True})
 
     @staticmethod
     def supported(model: DeepseekV3ForCausalLM) -> bool:
@@ -85,9 +86,25 @@ class CompiledDecode:
         meta = PagedAttention.uniform(slots, tables, lens, query_len, self.bs)
         return self.model.forward_cached(ids, positions, self.caches, meta)
 
+    def _mtp_forward(self, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                     tables: torch.Tensor, lens: torch.Tensor, query_len: int) -> torch.Tensor:
+        # hidden: [B * q, H] main (or previous MTP) hidden; ids: [B * q] the token after each -> MTP hidden
+        meta = PagedAttention.uniform(slots, tables, lens, query_len, self.bs)
+        return self.model.mtp_forward_cached(hidden, ids, positions, self.caches, meta)
+
     def run(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int]) -> torch.Tensor | None:
         """The step for B sequences computing q tokens each at positions starts[b].. -> hidden [B * q, H], or
         None when compilation failed (the caller runs the eager model)."""
+        return self._call("main", self._step, None, tokens, tables, starts)
+
+    def run_mtp(self, hidden: torch.Tensor, next_ids: list[list[int]], tables: list[list[int]],
+                starts: list[int]) -> torch.Tensor | None:
+        """The MTP module over q positions of each of B sequences (next_ids[b]: the token after each) -> MTP
+        hidden [B * q, H], or None when compilation failed."""
+        return self._call("mtp", self._mtp_step, hidden, next_ids, tables, starts)
+
+    def _call(self, which: str, fn, hidden: torch.Tensor | None, tokens: list[list[int]], tables: list[list[int]],
+              starts: list[int]) -> torch.Tensor | None:
         B, q, bs = len(tokens), len(tokens[0]), self.bs
         W = max(2, max(len(t) for t in tables))                 # >= 2: a dimension of size 1 cannot stay symbolic
         table = torch.zeros(B, W, dtype=torch.long)
@@ -98,18 +115,20 @@ class CompiledDecode:
         slots = flat.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs
         ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
         lens = torch.tensor(starts, dtype=torch.long) + q
-        torch._dynamo.mark_dynamic(table, 1)
+        args = (ids, pos, slots, table, lens) if hidden is None else (hidden, ids, pos, slots, table, lens)
+        # symbolic batch and width (maybe_: sizes tied to each other, B * q rows for B sequences, stay legal)
+        torch._dynamo.maybe_mark_dynamic(table, 1)
         if B > 1:
-            for t in (ids, pos, slots, table, lens):
-                torch._dynamo.mark_dynamic(t, 0)
+            for t in args:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         # Once a shape class has a graph, evaluate only the guards that tell the existing graphs apart: the full
         # guard set (every parameter of the model) costs a quarter of a millisecond per step.
-        key = (q, B == 1, B * q * self.top_k <= 16)
+        key = (which, q, B == 1, B * q * self.top_k <= 16)
         try:
             if key in self.seen:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return self._step(ids, pos, slots, table, lens, q)
-            out = self._step(ids, pos, slots, table, lens, q)
+                    return fn(*args, q)
+            out = fn(*args, q)
             self.seen.add(key)
             return out
         except Exception as e:                                  # noqa: BLE001 - any compiler failure: stay eager

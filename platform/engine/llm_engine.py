@@ -222,8 +222,17 @@ class LLMEngine:
         idx = [i for i, s in enumerate(sched) if not s.seq.is_finished and valid[i] > 0]
         if not idx:
             return
-        rows = torch.cat([torch.arange(offsets[i], offsets[i] + valid[i]) for i in idx]).to(hidden.device)
-        nxt = [sched[i].seq.token_ids[starts[i] + 1:starts[i] + valid[i] + 1] for i in idx]
+        # After a verification step every sequence computed k + 1 positions, of which valid[i] hold. With a
+        # compiled step, run the MTP module over all k + 1 (the extra rows write latents past the sequence's
+        # end, which the next step overwrites before anything reads them) so the batch stays uniform.
+        q = self.num_spec + 1
+        span = ({i: q for i in idx} if self.runner.compiled is not None and
+                all(sched[i].num_tokens == q and sched[i].reaches_end for i in idx) else {i: valid[i] for i in idx})
+        rows = torch.cat([torch.arange(offsets[i], offsets[i] + span[i]) for i in idx]).to(hidden.device)
+        nxt = []
+        for i in idx:
+            known = sched[i].seq.token_ids[starts[i] + 1:starts[i] + valid[i] + 1]
+            nxt.append(known + [known[-1]] * (span[i] - len(known)))
         h = self.runner.mtp(hidden[rows], nxt, [sched[i].seq.block_table for i in idx], [starts[i] for i in idx])
         ends = [j for j, i in enumerate(idx) if sched[i].reaches_end]
         if not ends:
@@ -231,10 +240,10 @@ class LLMEngine:
         last_rows, pos = [], []
         acc = 0
         for j, i in enumerate(idx):
-            acc += valid[i]
             if j in ends:
-                last_rows.append(acc - 1)
+                last_rows.append(acc + valid[i] - 1)
                 pos.append(starts[i] + valid[i] - 1)
+            acc += span[i]
         seqs = [sched[idx[j]].seq for j in ends]
         h_last = h[last_rows]
         for step in range(self.num_spec):

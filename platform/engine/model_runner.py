@@ -32,7 +32,7 @@ class ModelRunner:
                                        scratch_block=num_blocks, max_blocks=-(-max_model_len // block_size))
         self.compiled = None
         if compile_query_lens and CompiledDecode.supported(model):
-            self.compiled = CompiledDecode(model, self.caches[:cfg.num_hidden_layers], block_size, compile_query_lens)
+            self.compiled = CompiledDecode(model, self.caches, block_size, compile_query_lens)
 
     @staticmethod
     def cache_bytes_per_block(model: DeepseekV3ForCausalLM, block_size: int, use_mtp: bool, dtype: torch.dtype) -> int:
@@ -77,6 +77,10 @@ class ModelRunner:
             starts: list[int]) -> torch.Tensor:
         # hidden: [sum(len), H] main (or previous MTP) hidden at those positions; next_ids[b]: the token after
         # each position -> MTP hidden [sum(len), H] (logits via model.compute_logits)
+        if self.compiled is not None and self.compiled.can_run(next_ids):
+            out = self.compiled.run_mtp(hidden, next_ids, tables, starts)
+            if out is not None:
+                return out
         positions, meta = self._meta(tables, starts, [len(t) for t in next_ids])
         ids = torch.tensor([t for seq in next_ids for t in seq], dtype=torch.long, device=self.device)
         return self.model.mtp_forward_cached(hidden, ids, positions, self.caches, meta)
