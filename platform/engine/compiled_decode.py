@@ -64,9 +64,9 @@ class CompiledDecode:
         for moe in model.moe_layers():
             if not isinstance(moe.dispatch, _OpaqueDispatch):
                 moe.dispatch = _OpaqueDispatch(moe.experts, moe.dispatch)
-        # the one-graph-per-shape-class design needs more than the default 8 cached graphs only when query
-        # lengths multiply; raise the limit modestly rather than recompiling silently into eager
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+        # Dynamo keeps at most cache_size_limit graphs per function and then runs it eagerly without a word; every
+        # engine in a process adds its own few graphs (the guards hold `self`), so leave room for many engines
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # freezing: the weights become constants of the graph, so Inductor prepacks them for its CPU GEMMs
         # (about 1.5x on a decode step of the tiny model); a change of weights needs a new engine
         self._step = torch.compile(self._forward, dynamic=None, options={"freezing": True})
