@@ -17,7 +17,9 @@ refused here, and the saved adapter names every MLP weight in `target_parameters
 parametrisation, which costs about 0.7 ms per wrapped weight on CPU): the math, the tensor keys
 (`...mlp.gate_proj.lora_A.weight`) and the shapes are identical, so only the config's wording differs between
 the model being trained (`train_config`) and the file (`saved_config`). Routed experts are target_parameters in
-both. Dropout is refused with MLP targets, since PEFT's ParamWrapper rejects a config with dropout.
+both; in training their LoRA runs factored inside the experts' grouped products (finetune.expert_lora), not as
+PEFT's merge of the whole stack. Dropout is refused with MLP targets, since PEFT's ParamWrapper rejects a config
+with dropout.
 With `update_expert_bias`, the MoE gates travel in the adapter as `modules_to_save` (their bias changes; their
 weight stays frozen), which PEFT also loads on transformers.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raymoe.finetune import expert_lora
 from raymoe.finetune.config import LoraConfigSpec
 from raymoe.platform.model.mlp import MLP
 from raymoe.platform.model.moe import MoE
@@ -150,6 +153,7 @@ def apply_lora(model: nn.Module, spec: LoraConfigSpec, plan: LoraPlan, seed: int
     from peft import get_peft_model
     torch.manual_seed(seed)
     pm = get_peft_model(model, train_config(plan, spec))
+    expert_lora.install(pm)
     for name, p in pm.named_parameters():
         if ".modules_to_save." in name:                   # gates: the bias moves by rule, the weight stays
             p.requires_grad_(False)

@@ -4,10 +4,14 @@ Owns the math of routing and of the experts themselves. It never decides where e
 one dispatch interface, `ExpertDispatch(layer, hidden, topk_ids, topk_w) -> routed output`; by default that is the
 in-process `RoutedExperts` of this layer, and expert-parallel code (raymoe.platform.parallel) installs a dispatch
 that sends rows to remote shards instead. `RoutedExperts` may hold any subset of the experts (an expert-parallel
-shard holds a contiguous range), and returns the weighted sum over the experts it holds.
+shard holds a contiguous range), and returns the weighted sum over the experts it holds. Finetuning may hand
+`RoutedExperts` LoRA factors of its stacked weights (`ExpertLora`); they are applied per expert, factored, and never
+merged into the stack. Nothing here knows PEFT.
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -57,8 +61,77 @@ class Gate(nn.Module):
         return topk_ids, topk_w * self.scaling, scores
 
 
+@dataclass(frozen=True)
+class ExpertLora:
+    """A LoRA update of one stacked expert weight, kept factored: W_e + scale * b[e] @ a[e] for held expert e.
+    a: [E, r, in], b: [E, out, r] (views of the trainer's parameters: gradients flow back through them)."""
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+
+@functools.cache
+def _cpu_grouped_mm(dtype: torch.dtype) -> bool:
+    """Whether this torch has a CPU _grouped_mm for `dtype` (a C++ loop of GEMMs, with a backward)."""
+    try:
+        torch._grouped_mm(torch.ones(2, 8, dtype=dtype), torch.ones(1, 8, 8, dtype=dtype),
+                          offs=torch.tensor([2], dtype=torch.int32))
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+class _SortRows(torch.autograd.Function):
+    """xs = x[order // k]: each token's row once per chosen expert, sorted by expert (order: a permutation of the
+    N * k assignments, inv its inverse). The backward gathers with inv and sums each token's k rows (in the
+    reduction's fp32), where autograd's would scatter-add into x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+        # x: [N, H] -> [N*k, H]
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (inv,) = ctx.saved_tensors
+        g = g.index_select(0, inv)
+        return g.view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """out[n] = sum_j w[n, j] * y[inv[n * k + j]] in fp32: the expert-sorted rows un-sorted (a gather, so
+    deterministic) and reduced over each token's k experts. The backward is a gather and a product, where
+    autograd's would scatter with atomics and keep fp32 copies of all N * k rows."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, w: torch.Tensor, order: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        # y: [N*k, H] sorted by expert, w: [N, k] -> [N, H] fp32
+        N, k = w.shape
+        yu = y.index_select(0, inv).view(N, k, -1)
+        ctx.save_for_backward(yu, w, order)
+        return (yu * w.float()[..., None]).sum(1, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        yu, w, order = ctx.saved_tensors
+        N, k = w.shape
+        g = g.to(yu.dtype)
+        dy = dw = None
+        if ctx.needs_input_grad[0]:
+            dy = g.index_select(0, order // k).mul_(w.flatten()[order].to(g.dtype)[:, None])
+        if ctx.needs_input_grad[1]:
+            dw = (yu * g[:, None, :]).sum(-1, dtype=torch.float32).to(w.dtype)
+        return dy, dw, None, None
+
+
 class RoutedExperts(nn.Module):
-    """Experts [first, first + count) of one MoE layer, stacked: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    """Experts [first, first + count) of one MoE layer, stacked: gate_up_proj [E, 2I, H], down_proj [E, H, I].
+
+    Paths: the grouped GEMM on CUDA bf16, and on the CPU under autograd or with LoRA (torch's CPU grouped GEMM);
+    without autograd on the CPU, gathered weights for a few tokens or a padded batch for many; a per-expert loop
+    where the grouped GEMM is missing. `lora` maps "gate_up_proj" / "down_proj" to their factors."""
 
     def __init__(self, cfg: ModelConfig, first: int = 0, count: int | None = None) -> None:
         super().__init__()
@@ -68,15 +141,16 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * inter, h))
         self.down_proj = nn.Parameter(torch.empty(count, h, inter))
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+                lora: dict[str, ExpertLora] | None = None) -> torch.Tensor:
         # x: [N, H]; topk_ids/topk_w: [N, k] (global expert ids) -> [N, H] sum over the held experts
-        if self._grouped_ok(x):
-            return self._grouped(x, topk_ids, topk_w)
-        if not torch.is_grad_enabled():
+        if self._grouped_ok(x, lora):
+            return self._grouped(x, topk_ids, topk_w, lora)
+        if not torch.is_grad_enabled() and not lora:
             if topk_ids.numel() <= 16 and self.count == self.n_total:
                 return self._gathered(x, topk_ids, topk_w)
             return self._padded(x, topk_ids, topk_w)
-        return self._loop(x, topk_ids, topk_w)
+        return self._loop(x, topk_ids, topk_w, lora)
 
     def _padded(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """Many tokens without autograd (CPU inference): rows sorted by expert into an [E, max_rows, H] buffer,
@@ -110,14 +184,21 @@ class RoutedExperts(nn.Module):
         y = torch.bmm(self.down_proj[ids], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # [N*k, H]
         return (y.view(N, k, -1) * topk_w.to(x.dtype)[..., None]).sum(1)
 
-    def _grouped_ok(self, x: torch.Tensor) -> bool:
-        """Grouped GEMM: static shapes and no host sync (CUDA-graph safe); 16-byte-aligned rows."""
-        if not x.is_cuda or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
-            return False   # CUDA's grouped GEMM takes bf16 (and has a backward: training uses it too)
+    def _grouped_ok(self, x: torch.Tensor, lora: dict[str, ExpertLora] | None = None) -> bool:
+        """Grouped GEMM: CUDA bf16 (static shapes, no host sync: CUDA-graph safe), or the CPU when training or with
+        LoRA, where torch has the kernel for the dtype; 16-byte-aligned rows."""
+        if not hasattr(torch, "_grouped_mm"):
+            return False
+        if x.is_cuda:
+            if x.dtype != torch.bfloat16:
+                return False   # CUDA's grouped GEMM takes bf16 (and has a backward: training uses it too)
+        elif x.device.type != "cpu" or not (torch.is_grad_enabled() or lora) or not _cpu_grouped_mm(x.dtype):
+            return False       # CPU inference keeps _gathered / _padded
         align = 16 // x.element_size()
         return x.shape[1] % align == 0 and self.down_proj.shape[2] % align == 0
 
-    def _grouped(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+                 lora: dict[str, ExpertLora] | None = None) -> torch.Tensor:
         k = topk_ids.shape[1]
         local = topk_ids.flatten() - self.first                               # [N*k]
         held = (local >= 0) & (local < self.count)
@@ -126,15 +207,34 @@ class RoutedExperts(nn.Module):
         counts = torch.zeros(self.count + 1, dtype=torch.int32, device=x.device)
         counts.index_add_(0, key, torch.ones_like(key, dtype=torch.int32))
         offs = counts[:-1].cumsum(0, dtype=torch.int32)                       # group ends over the sorted rows
-        h = torch._grouped_mm(x[order // k], self.gate_up_proj.transpose(1, 2), offs=offs)  # [N*k, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        y = torch._grouped_mm((F.silu(gate) * up).contiguous(), self.down_proj.transpose(1, 2), offs=offs)
-        y = torch.where(held[order][:, None], y, 0)                           # rows past the last group: undefined
-        # un-sort (a permutation: deterministic, unlike atomic index_add) and reduce over k in fp32
-        y = torch.empty_like(y).index_copy_(0, order, y).view(-1, k, y.shape[-1])
-        return torch.einsum("nkh,nk->nh", y.float(), topk_w.float()).to(x.dtype)
+        inv = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=x.device))
+        xs = _SortRows.apply(x, order, inv, k)                                # [N*k, H] sorted by expert
+        partial = self.count < self.n_total
+        if partial and torch.is_grad_enabled():    # rows past the last group get an undefined input gradient
+            xs = torch.where(held[order][:, None], xs, 0)
+        gate, up = self._grouped_proj(xs, "gate_up_proj", offs, lora).chunk(2, dim=-1)  # [N*k, I] each
+        y = self._grouped_proj((F.silu(gate) * up).contiguous(), "down_proj", offs, lora)  # [N*k, H]
+        if partial:
+            y = torch.where(held[order][:, None], y, 0)                       # rows past the last group: undefined
+        return _Combine.apply(y, topk_w, order, inv).to(x.dtype)
 
-    def _loop(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    def _grouped_proj(self, x: torch.Tensor, name: str, offs: torch.Tensor,
+                      lora: dict[str, ExpertLora] | None) -> torch.Tensor:
+        """x W_e^T (+ scale * (x A_e^T) B_e^T) for each expert's rows: the LoRA term as two rank-r grouped GEMMs."""
+        # x: [M, in] sorted by expert, offs: [E] group ends -> [M, out]
+        y = torch._grouped_mm(x, getattr(self, name).transpose(1, 2), offs=offs)
+        f = lora.get(name) if lora else None
+        if f is None:
+            return y
+        a, b = f.a.to(x.dtype), f.b.to(x.dtype)
+        pad = -a.shape[1] % (16 // x.element_size())   # the kernel wants 16-byte rows; zero rank changes nothing
+        if pad:
+            a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
+        low = torch._grouped_mm(x, a.transpose(1, 2), offs=offs).mul_(f.scale)                # [M, r]
+        return y.add_(torch._grouped_mm(low, b.contiguous().transpose(1, 2), offs=offs))
+
+    def _loop(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+              lora: dict[str, ExpertLora] | None = None) -> torch.Tensor:
         out = torch.zeros_like(x)
         local = topk_ids.flatten() - self.first
         held = (local >= 0) & (local < self.count)
@@ -152,11 +252,19 @@ class RoutedExperts(nn.Module):
             if n == 0:
                 continue
             r = rows[start:start + n]
-            gate, up = F.linear(x[r], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e])
+            gate, up = self._linear(x[r], "gate_up_proj", e, lora).chunk(2, dim=-1)
+            y = self._linear(F.silu(gate) * up, "down_proj", e, lora)
             out.index_add_(0, r, y * weights[start:start + n, None])
             start += n
         return out
+
+    def _linear(self, x: torch.Tensor, name: str, e: int, lora: dict[str, ExpertLora] | None) -> torch.Tensor:
+        # x: [n, in] rows of held expert e -> [n, out]
+        y = F.linear(x, getattr(self, name)[e])
+        f = lora.get(name) if lora else None
+        if f is None:
+            return y
+        return y + F.linear(F.linear(x, f.a[e].to(x.dtype)), f.b[e].to(x.dtype)) * f.scale
 
 
 class MoE(nn.Module):

@@ -1,0 +1,74 @@
+"""Routed-expert LoRA without merging: PEFT holds the adapter, `RoutedExperts` applies it per expert, factored.
+
+PEFT 0.21 applies LoRA to a stacked expert parameter (`target_parameters`, its ParamWrapper) by parametrising it as
+W + s * B @ A for the whole stack on every forward and differentiating through that: for DeepSeek-V3's 256 experts
+that is a copy of the layer's expert weights per forward, and their full gradient per backward. Here the PEFT
+modules stay exactly as get_peft_model made them (the same parameters, names and layout, so saving, loading, and
+transformers + PEFT reading the file see nothing different); each such MoE layer gets a `dispatch` that reads the
+wrappers' factors and hands them to `RoutedExperts`, which adds s * (x A_e^T) B_e^T to expert e's rows itself.
+PEFT's own (merging) forward still runs when the adapters are disabled or merged, or several are active.
+
+PEFT's layout for a 3-D parameter [E, out, in] at rank r (ParamWrapper.get_delta_factors): lora_A.weight is
+[E * r, in], expert-major (A_e = rows e*r .. e*r + r - 1); lora_B.weight is [out, r * E], rank-major (column
+j * E + e is rank j of expert e). Never changes a parameter.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raymoe.platform.model.moe import ExpertLora, MoE, RoutedExperts
+
+
+def factors(wrapper: nn.Module) -> ExpertLora | None:
+    """The one active adapter of a PEFT ParamWrapper on a stacked expert weight as `ExpertLora` (views: autograd
+    reaches lora_A / lora_B), or None when PEFT must apply it itself (disabled, merged, several adapters)."""
+    active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+    if wrapper.disable_adapters or wrapper.merged or len(active) != 1:
+        return None
+    A, B = wrapper.lora_A[active[0]].weight, wrapper.lora_B[active[0]].weight       # [E*r, in], [out, r*E]
+    E = wrapper.num_experts
+    a = A.view(E, -1, A.shape[-1])                                                   # [E, r, in]
+    b = B.view(B.shape[0], -1, E).permute(2, 0, 1)                                   # [E, out, r]
+    return ExpertLora(a, b, wrapper.scaling[active[0]])
+
+
+class LoraExpertDispatch:
+    """MoE.dispatch of one layer whose routed experts carry PEFT LoRA (a chain of ParamWrappers, one per weight)."""
+
+    def __init__(self, moe: MoE) -> None:
+        from peft.tuners.lora.layer import ParamWrapper
+        self.peft = moe.experts                          # the outermost wrapper: PEFT's own merging forward
+        self.wrappers: list[nn.Module] = []
+        mod = moe.experts
+        while isinstance(mod, ParamWrapper):
+            self.wrappers.append(mod)
+            mod = mod.base_layer
+        if not isinstance(mod, RoutedExperts) or not self.wrappers:
+            raise TypeError(f"layer {moe.layer}: experts are {type(mod).__name__}, not PEFT-wrapped RoutedExperts")
+        self.experts: RoutedExperts = mod
+
+    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        # x: [N, H]; topk_ids/topk_w: [N, k] -> [N, H]
+        lora = {}
+        for w in self.wrappers:
+            f = factors(w)
+            if f is None:
+                return self.peft(x, topk_ids, topk_w)
+            lora[w.parameter_name] = f
+        return self.experts(x, topk_ids, topk_w, lora=lora)
+
+
+def install(model: nn.Module) -> int:
+    """Give every MoE layer of `model` (a PeftModel or its base) whose experts PEFT wrapped a
+    `LoraExpertDispatch`. Returns how many layers got one."""
+    from peft.tuners.lora.layer import ParamWrapper
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, MoE) and isinstance(mod.experts, ParamWrapper):
+            if mod.dispatch is not None:
+                raise ValueError(f"{name}: already has an expert dispatch ({type(mod.dispatch).__name__}); "
+                                 f"routed-expert LoRA needs the local experts")
+            mod.dispatch = LoraExpertDispatch(mod)
+            n += 1
+    return n
