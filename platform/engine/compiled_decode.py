@@ -15,6 +15,7 @@ import logging
 
 import torch
 
+from raymoe.platform.engine.uniform_batch import uniform_inputs
 from raymoe.platform.model import DeepseekV3ForCausalLM, PagedAttention
 
 log = logging.getLogger(__name__)
@@ -105,16 +106,10 @@ class CompiledDecode:
 
     def _call(self, which: str, fn, hidden: torch.Tensor | None, tokens: list[list[int]], tables: list[list[int]],
               starts: list[int]) -> torch.Tensor | None:
-        B, q, bs = len(tokens), len(tokens[0]), self.bs
-        W = max(2, max(len(t) for t in tables))                 # >= 2: a dimension of size 1 cannot stay symbolic
-        table = torch.zeros(B, W, dtype=torch.long)
-        for r, t in enumerate(tables):
-            table[r, :len(t)] = torch.tensor(t)
-        pos = torch.tensor([s + j for s in starts for j in range(q)], dtype=torch.long)
-        flat = table.repeat_interleave(q, dim=0)
-        slots = flat.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs
-        ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
-        lens = torch.tensor(starts, dtype=torch.long) + q
+        B, q = len(tokens), len(tokens[0])
+        # width >= 2: a dimension of size 1 cannot stay symbolic
+        ids, pos, slots, table, lens = uniform_inputs(tokens, tables, starts, self.bs,
+                                                      width=max(2, max(len(t) for t in tables))).tensors()
         args = (ids, pos, slots, table, lens) if hidden is None else (hidden, ids, pos, slots, table, lens)
         # symbolic batch and width (maybe_: sizes tied to each other, B * q rows for B sequences, stay legal)
         torch._dynamo.maybe_mark_dynamic(table, 1)

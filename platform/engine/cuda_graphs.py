@@ -1,27 +1,33 @@
-"""CUDA graphs of the decode forward, one per (batch size, context bucket), replayed with static buffers.
+"""CUDA graphs of uniform steps, one per (module, query length, batch size, context bucket), replayed with static
+buffers: decode (q = 1), MTP verification (q = k + 1) and MTP drafting (the MTP module over q positions).
 
-A decode step of a small batch is dominated by kernel launches; replaying a captured graph removes them. Each
-graph reads its inputs from static buffers (token ids, positions, cache slots, block tables, lengths) and writes
-the final hidden states into a static output. Batches are padded up to the next captured size: padding rows write
-their latent into a scratch block that no sequence owns and attend only to it. Context buckets (block-table widths)
-are powers of two, so a graph gathers at most twice the blocks it needs. Graphs are captured lazily.
+A step of a small batch is dominated by kernel launches; replaying a captured graph removes them. Each graph reads
+its inputs from static buffers (token ids, positions, cache slots, block tables, lengths, and for the MTP module
+the hidden states it continues from) and writes the hidden states into a static output. Batches are padded up to
+the next captured size: padding rows write their latents into a scratch block that no sequence owns and attend
+only to it. Context buckets (block-table widths) are powers of two, so a graph gathers at most twice the blocks it
+needs. Graphs are captured lazily.
 """
 from __future__ import annotations
 
 import torch
 
+from raymoe.platform.engine.uniform_batch import uniform_inputs
 from raymoe.platform.model import DeepseekV3ForCausalLM, PagedAttention
+
+_INPUTS = ("ids", "pos", "slots", "tables", "lens")
 
 
 class DecodeGraphs:
     def __init__(self, model: DeepseekV3ForCausalLM, caches: list[torch.Tensor], block_size: int,
-                 sizes: list[int], scratch_block: int, max_blocks: int) -> None:
+                 sizes: list[int], scratch_block: int, max_blocks: int, query_lens: set[int] | None = None) -> None:
         self.model, self.caches, self.bs = model, caches, block_size
         self.sizes = sorted(sizes)
         self.scratch = scratch_block
         self.max_blocks = max_blocks
+        self.query_lens = query_lens or {1}
         self.device = caches[0].device
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.pool = None
 
     @staticmethod
@@ -29,8 +35,10 @@ class DecodeGraphs:
         p = next(model.parameters())
         return p.is_cuda and p.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
-    def can_run(self, batch: int) -> bool:
-        return batch <= self.sizes[-1]
+    def can_run(self, tokens: list[list[int]]) -> bool:
+        q = len(tokens[0])
+        return (len(tokens) <= self.sizes[-1] and q in self.query_lens and q <= self.bs
+                and all(len(t) == q for t in tokens))
 
     def _bucket(self, blocks: int) -> int:
         w = 8
@@ -38,17 +46,17 @@ class DecodeGraphs:
             w *= 2
         return min(w, self.max_blocks)
 
-    def _capture(self, B: int, W: int):
-        dev = self.device
-        buf = {"ids": torch.zeros(B, dtype=torch.long, device=dev),
-               "pos": torch.zeros(B, dtype=torch.long, device=dev),
-               "slots": torch.full((B,), self.scratch * self.bs, dtype=torch.long, device=dev),
-               "tables": torch.full((B, W), self.scratch, dtype=torch.long, device=dev),
-               "lens": torch.ones(B, dtype=torch.long, device=dev)}
-        meta = PagedAttention(slot_mapping=buf["slots"], block_tables=buf["tables"], query_start=list(range(B + 1)),
-                              seq_lens=[1] * B, block_size=self.bs, seq_lens_t=buf["lens"])
+    def _capture(self, mtp: bool, q: int, B: int, W: int):
+        init = uniform_inputs([[0] * q], [[self.scratch]], [0], self.bs, rows=B, width=W, pad_block=self.scratch)
+        buf = {name: t.to(self.device) for name, t in zip(_INPUTS, init.tensors())}
+        if mtp:
+            buf["hidden"] = torch.zeros(B * q, self.model.config.hidden_size, dtype=self.caches[0].dtype,
+                                        device=self.device)
+        meta = PagedAttention.uniform(buf["slots"], buf["tables"], buf["lens"], q, self.bs)
 
         def run():
+            if mtp:
+                return self.model.mtp_forward_cached(buf["hidden"], buf["ids"], buf["pos"], self.caches, meta)
             return self.model.forward_cached(buf["ids"], buf["pos"], self.caches, meta)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -63,29 +71,28 @@ class DecodeGraphs:
         self.pool = graph.pool()
         return graph, buf
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-            lens: list[int]) -> torch.Tensor:
-        """Decode one token for each of len(ids) sequences -> final hidden states [len(ids), H]."""
-        b = len(ids)
+    def _replay(self, mtp: bool, hidden: torch.Tensor | None, tokens: list[list[int]], tables: list[list[int]],
+                starts: list[int]) -> torch.Tensor:
+        b, q = len(tokens), len(tokens[0])
         B = next(s for s in self.sizes if s >= b)
         W = self._bucket(max(len(t) for t in tables))
-        key = (B, W)
+        key = (mtp, q, B, W)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(B, W)
+            self.graphs[key] = self._capture(mtp, q, B, W)
         graph, buf = self.graphs[key]
-        pad = B - b
-        host = torch.empty(5, B, dtype=torch.long)
-        host[0, :b], host[1, :b], host[2, :b], host[4, :b] = (torch.tensor(ids), torch.tensor(positions),
-                                                              torch.tensor(slots), torch.tensor(lens))
-        if pad:
-            host[0, b:], host[1, b:], host[2, b:], host[4, b:] = 0, 0, self.scratch * self.bs, 1
-        table = torch.full((B, W), self.scratch, dtype=torch.long)
-        for r, t in enumerate(tables):
-            table[r, :len(t)] = torch.tensor(t)
-        buf["ids"].copy_(host[0], non_blocking=True)
-        buf["pos"].copy_(host[1], non_blocking=True)
-        buf["slots"].copy_(host[2], non_blocking=True)
-        buf["lens"].copy_(host[4], non_blocking=True)
-        buf["tables"].copy_(table, non_blocking=True)
+        host = uniform_inputs(tokens, tables, starts, self.bs, rows=B, width=W, pad_block=self.scratch)
+        for name, t in zip(_INPUTS, host.tensors()):
+            buf[name].copy_(t, non_blocking=True)
+        if hidden is not None:
+            buf["hidden"][:b * q].copy_(hidden)
         graph.replay()
-        return buf["out"][:b]
+        return buf["out"][:b * q]
+
+    def run(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """The main model for B sequences computing q tokens each at positions starts[b].. -> hidden [B * q, H]."""
+        return self._replay(False, None, tokens, tables, starts)
+
+    def run_mtp(self, hidden: torch.Tensor, next_ids: list[list[int]], tables: list[list[int]],
+                starts: list[int]) -> torch.Tensor:
+        """The MTP module over q positions of each of B sequences -> MTP hidden [B * q, H]."""
+        return self._replay(True, hidden, next_ids, tables, starts)

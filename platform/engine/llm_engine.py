@@ -17,7 +17,8 @@ from raymoe.platform.config import EngineConfig, SamplingParams
 from raymoe.platform.engine.block_manager import BlockManager
 from raymoe.platform.engine.detokenizer import IncrementalDetokenizer
 from raymoe.platform.engine.model_runner import ModelRunner
-from raymoe.platform.engine.sampler import (apply_penalties, draw, processed_probs, top_logprobs, verify_drafts)
+from raymoe.platform.engine.sampler import (accept_greedy, apply_penalties, draw, needs_penalties, processed_probs,
+                                            top_logprobs, verify_drafts)
 from raymoe.platform.engine.scheduler import Scheduled, Scheduler
 from raymoe.platform.engine.sequence import Sequence, Status
 
@@ -82,7 +83,8 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg, self.blocks)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.num_spec > 0,
                                   None if cfg.enforce_eager else cfg.cuda_graph_sizes, self.max_model_len,
-                                  {1, self.num_spec + 1} if cfg.cpu_compile and not cfg.enforce_eager else None)
+                                  {1, self.num_spec + 1} if cfg.cpu_compile and not cfg.enforce_eager else None,
+                                  {1, self.num_spec + 1})
         self.generator = torch.Generator().manual_seed(cfg.seed)
         if tokenizer is None and (Path(cfg.model) / "tokenizer.json").is_file():
             from transformers import AutoTokenizer
@@ -159,20 +161,24 @@ class LLMEngine:
                     owners.append((i, j))
             logits = self.runner.logits(hidden[rows])
             params = [sched[i].seq.params for i, _ in owners]
-            prompts = [sched[i].seq.token_ids for i, _ in owners]
-            counts = [sched[i].seq.output_counts + Counter(sched[i].seq.draft_ids[:j]) for i, j in owners]
-            probs = processed_probs(apply_penalties(logits, params, prompts, counts), params)
+            if needs_penalties(params):
+                prompts = [sched[i].seq.token_ids for i, _ in owners]
+                counts = [sched[i].seq.output_counts + Counter(sched[i].seq.draft_ids[:j]) for i, j in owners]
+                logits = apply_penalties(logits, params, prompts, counts)
+            best = logits.argmax(-1).tolist()            # greedy choices of every row: one device sync per step
+            probs = None if all(p.greedy for p in params) else processed_probs(logits, params)
             r = 0
             for i in ending:
                 s = sched[i]
                 seq, k = s.seq, s.num_drafts
                 if k:
-                    toks = verify_drafts(probs[r:r + k + 1], seq.draft_ids[:k], seq.draft_probs, seq.params.greedy,
-                                         seq.generator, self.generator)
+                    toks = (accept_greedy(seq.draft_ids[:k], best[r:r + k + 1]) if seq.params.greedy else
+                            verify_drafts(probs[r:r + k + 1], seq.draft_ids[:k], seq.draft_probs, seq.generator,
+                                          self.generator))
                     seq.spec_proposed += k
                     seq.spec_accepted += len(toks) - 1
                 elif seq.params.greedy:
-                    toks = [int(probs[r].argmax())]
+                    toks = [best[r]]
                 else:
                     toks = draw(probs[r:r + 1], [seq.generator], self.generator)
                 lp = top_logprobs(logits[r:r + len(toks)], toks, [seq.params.logprobs] * len(toks))
@@ -222,11 +228,11 @@ class LLMEngine:
         idx = [i for i, s in enumerate(sched) if not s.seq.is_finished and valid[i] > 0]
         if not idx:
             return
-        # After a verification step every sequence computed k + 1 positions, of which valid[i] hold. With a
-        # compiled step, run the MTP module over all k + 1 (the extra rows write latents past the sequence's
+        # After a verification step every sequence computed k + 1 positions, of which valid[i] hold. With captured
+        # or compiled steps, run the MTP module over all k + 1 (the extra rows write latents past the sequence's
         # end, which the next step overwrites before anything reads them) so the batch stays uniform.
         q = self.num_spec + 1
-        span = ({i: q for i in idx} if self.runner.compiled is not None and
+        span = ({i: q for i in idx} if self.runner.runs_uniform_steps and
                 all(sched[i].num_tokens == q and sched[i].reaches_end for i in idx) else {i: valid[i] for i in idx})
         rows = torch.cat([torch.arange(offsets[i], offsets[i] + span[i]) for i in idx]).to(hidden.device)
         nxt = []
@@ -254,10 +260,10 @@ class LLMEngine:
             seqs, h_last, pos = [seqs[b] for b in keep], h_last[keep], [pos[b] for b in keep]
             logits = self.runner.logits(h_last)
             params = [s.params for s in seqs]
-            probs = processed_probs(logits, params)
+            best = logits.argmax(-1).tolist()
+            probs = None if all(p.greedy for p in params) else processed_probs(logits, params)
             for b, s in enumerate(seqs):
-                d = int(probs[b].argmax()) if s.params.greedy else draw(probs[b:b + 1], [s.generator],
-                                                                        self.generator)[0]
+                d = best[b] if s.params.greedy else draw(probs[b:b + 1], [s.generator], self.generator)[0]
                 s.draft_ids.append(d)
                 if not s.params.greedy:
                     s.draft_probs = probs[b:b + 1] if s.draft_probs is None else torch.cat([s.draft_probs,

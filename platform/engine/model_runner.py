@@ -16,7 +16,9 @@ from raymoe.platform.model import DeepseekV3ForCausalLM, PagedAttention
 class ModelRunner:
     def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int, use_mtp: bool,
                  graph_sizes: list[int] | None = None, max_model_len: int = 131072,
-                 compile_query_lens: set[int] | None = None) -> None:
+                 compile_query_lens: set[int] | None = None, uniform_query_lens: set[int] | None = None) -> None:
+        # graph_sizes: CUDA-graph batch sizes (None: eager); compile_query_lens: torch.compile the CPU steps with
+        # these query lengths (None: eager); uniform_query_lens: the query lengths graphs are captured for
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -28,11 +30,16 @@ class ModelRunner:
                        for _ in range(n_layers)]
         self.graphs = None
         if graph_sizes and DecodeGraphs.supported(model):
-            self.graphs = DecodeGraphs(model, self.caches[:cfg.num_hidden_layers], block_size, graph_sizes,
-                                       scratch_block=num_blocks, max_blocks=-(-max_model_len // block_size))
+            self.graphs = DecodeGraphs(model, self.caches, block_size, graph_sizes, scratch_block=num_blocks,
+                                       max_blocks=-(-max_model_len // block_size), query_lens=uniform_query_lens)
         self.compiled = None
         if compile_query_lens and CompiledDecode.supported(model):
             self.compiled = CompiledDecode(model, self.caches, block_size, compile_query_lens)
+
+    @property
+    def runs_uniform_steps(self) -> bool:
+        """Whether uniform steps (B sequences x q tokens) take a faster path (CUDA graphs or torch.compile)."""
+        return self.graphs is not None or self.compiled is not None
 
     @staticmethod
     def cache_bytes_per_block(model: DeepseekV3ForCausalLM, block_size: int, use_mtp: bool, dtype: torch.dtype) -> int:
@@ -59,11 +66,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int]) -> torch.Tensor:
         # tokens[b]: the ids sequence b computes, at positions starts[b]..; -> final hidden [sum(len), H]
-        if self.graphs is not None and all(len(t) == 1 for t in tokens) and self.graphs.can_run(len(tokens)):
-            bs = self.block_size
-            return self.graphs.run([t[0] for t in tokens], starts,
-                                   [tb[p // bs] * bs + p % bs for tb, p in zip(tables, starts)], tables,
-                                   [p + 1 for p in starts])
+        if self.graphs is not None and self.graphs.can_run(tokens):
+            return self.graphs.run(tokens, tables, starts)
         if self.compiled is not None and self.compiled.can_run(tokens):
             hidden = self.compiled.run(tokens, tables, starts)
             if hidden is not None:
@@ -77,6 +81,8 @@ class ModelRunner:
             starts: list[int]) -> torch.Tensor:
         # hidden: [sum(len), H] main (or previous MTP) hidden at those positions; next_ids[b]: the token after
         # each position -> MTP hidden [sum(len), H] (logits via model.compute_logits)
+        if self.graphs is not None and self.graphs.can_run(next_ids):
+            return self.graphs.run_mtp(hidden, next_ids, tables, starts)
         if self.compiled is not None and self.compiled.can_run(next_ids):
             out = self.compiled.run_mtp(hidden, next_ids, tables, starts)
             if out is not None:

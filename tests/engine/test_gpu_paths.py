@@ -55,6 +55,26 @@ def test_cuda_graph_decode_equals_eager(tiny_ckpt):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("k", [1, 2])
+def test_cuda_graph_mtp_steps_equal_eager(tiny_ckpt, k):
+    """With MTP, verification (q = k + 1) and drafting steps replay graphs too; tokens equal the eager engine's."""
+    model = from_pretrained(tiny_ckpt, dtype=torch.bfloat16, device="cuda")
+    ps = prompts(13, (5, 19, 33, 8, 12))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outs = {}
+    for eager in (True, False):
+        eng = LLMEngine(EngineConfig(model=str(tiny_ckpt), device="cuda", dtype="bfloat16", num_blocks=256,
+                                     block_size=16, enforce_eager=eager, cuda_graph_sizes=[1, 2, 4, 8],
+                                     num_speculative_tokens=k), model=model)
+        outs[eager] = [r["outputs"][0]["token_ids"] for r in eng.generate(ps, params)]
+        if not eager:
+            kinds = {(mtp, q) for mtp, q, _, _ in eng.runner.graphs.graphs}
+            assert (False, k + 1) in kinds and (True, k + 1) in kinds, kinds
+        eng.blocks.check_no_leak()
+    assert outs[True] == outs[False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_grouped_experts_backward_matches_loop_on_cuda(tiny_ckpt_fp32):
     """Training runs the grouped GEMM too: its gradients equal the per-expert loop's (bf16 tolerance)."""
     m = from_pretrained(tiny_ckpt_fp32, dtype=torch.bfloat16, device="cuda")
