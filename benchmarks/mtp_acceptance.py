@@ -1,7 +1,8 @@
 """MTP speculative decoding, measured by the engine: acceptance rate and speedup on a trained checkpoint.
 
     .venv/bin/python benchmarks/mtp_acceptance.py --model .cache/mtp-demo [--data .cache/mtp-demo-data/validation.jsonl]
-        [--engine eager,compiled]
+        [--engine eager,compiled]          # CPU: eager, and cpu_compile
+    python3 benchmarks/mtp_acceptance.py --device cuda --engine eager,graphs   # GPU (bf16): eager, CUDA graphs
 
 Prompts are the first tokens of held-out validation texts; each is continued greedily for --max-tokens tokens with
 num_speculative_tokens 0 (plain), 1 and 2, in the same process and run, for each engine mode (eager, and
@@ -32,11 +33,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--engine", default="eager,compiled", help="eager and/or compiled (cpu_compile)")
+    ap.add_argument("--engine", default="eager,compiled",
+                    help="eager, compiled (CPU: cpu_compile), graphs (CUDA: captured decode/verify/draft steps)")
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model = from_pretrained(a.model, dtype=torch.float32)
-    base = LLMEngine(EngineConfig(model=a.model, dtype="float32"), model=model)
+    dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
+    model = from_pretrained(a.model, dtype=getattr(torch, dtype), device=a.device)
+    base = LLMEngine(EngineConfig(model=a.model, dtype=dtype, device=a.device, enforce_eager=True), model=model)
     tok = base.tokenizer
     texts = []
     for line in Path(a.data).read_text().splitlines():
@@ -49,7 +53,7 @@ def main() -> None:
             break
     params = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True)
     print(f"{len(texts)} held-out prompts of {a.prompt_tokens} tokens, {a.max_tokens} greedy tokens each, "
-          f"{a.threads} thread(s)\n")
+          f"{a.threads} thread(s), {a.device} {dtype}\n")
     print("| engine | concurrency | MTP drafts k | tokens/s | speedup vs k=0 | speedup vs eager k=0 | acceptance | "
           "tokens per main-model step | same tokens as eager k=0 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -59,8 +63,9 @@ def main() -> None:
         for c in [int(x) for x in a.concurrency.split(",")]:
             ref_rate = None
             for k in (0, 1, 2):
-                eng = LLMEngine(EngineConfig(model=a.model, dtype="float32", num_speculative_tokens=k,
-                                             cpu_compile=mode == "compiled"), model=model)
+                eng = LLMEngine(EngineConfig(model=a.model, dtype=dtype, device=a.device, num_speculative_tokens=k,
+                                             cpu_compile=mode == "compiled", enforce_eager=mode == "eager"),
+                                model=model)
                 batches = [texts[i:i + c] for i in range(0, len(texts), c)]
                 for b in batches:                                       # warm-up: the whole workload, untimed
                     eng.generate(b, params)

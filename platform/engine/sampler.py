@@ -15,10 +15,14 @@ import torch
 from raymoe.platform.config import SamplingParams
 
 
+def needs_penalties(params: list[SamplingParams]) -> bool:
+    return any(p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1 for p in params)
+
+
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
                     outputs: list[Counter[int]]) -> torch.Tensor:
     # logits: [R, V] fp32 -> penalised copy (presence/frequency on output tokens, repetition on prompt + output)
-    if all(p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1 for p in params):
+    if not needs_penalties(params):
         return logits
     logits = logits.clone()
     for r, (p, prompt, counts) in enumerate(zip(params, prompts, outputs)):
@@ -36,14 +40,17 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
 
 def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     # logits: [R, V] (penalised) -> probabilities [R, V] fp32 after temperature, top-k, top-p, min-p.
-    # Greedy rows become one-hot on the argmax.
+    # Greedy rows become one-hot on the argmax (all of them in one op).
     logits = logits.float()
     probs = torch.empty_like(logits)
+    greedy = [r for r, p in enumerate(params) if p.greedy]
+    if greedy:
+        rows = torch.tensor(greedy, device=logits.device)
+        probs[rows] = torch.nn.functional.one_hot(logits[rows].argmax(-1), logits.shape[1]).float()
     for r, p in enumerate(params):
-        row = logits[r]
         if p.greedy:
-            probs[r] = torch.nn.functional.one_hot(row.argmax(), row.shape[0]).float()
             continue
+        row = logits[r]
         row = row / p.temperature
         if p.top_k and p.top_k < row.shape[0]:
             kth = row.topk(p.top_k).values[-1]
@@ -90,26 +97,31 @@ def top_logprobs(logits: torch.Tensor, tokens: list[int], k: list[int | None]) -
     return res
 
 
-def verify_drafts(target: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None, greedy: bool,
+def accept_greedy(drafts: list[int], target_argmax: list[int]) -> list[int]:
+    """Greedy verification of one sequence on the host: the drafts up to the first that differs from the target's
+    argmax, then the target's token there (or the bonus token after the last draft). target_argmax: k + 1 ids."""
+    out: list[int] = []
+    for d, t in zip(drafts, target_argmax):
+        out.append(t)
+        if d != t:
+            return out
+    out.append(target_argmax[len(drafts)])
+    return out
+
+
+def verify_drafts(target: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor,
                   generator: torch.Generator | None, default: torch.Generator) -> list[int]:
-    """Speculative verification of one sequence.
+    """Speculative verification of one sampled sequence (greedy ones: `accept_greedy`).
 
     target: [k + 1, V] processed target probabilities at the positions of the last token and each draft;
-    drafts: k draft tokens; draft_probs: [k, V] the draft distributions (None for greedy).
+    drafts: k draft tokens; draft_probs: [k, V] the draft distributions.
     Returns the tokens to append: the accepted drafts, then one token from the target (a correction where a
     draft was rejected, else the bonus token). Standard rejection sampling: accept d with min(1, p(d) / q(d)),
     else draw from norm(max(0, p - q)); the result is distributed exactly as sampling from the target.
     """
     out: list[int] = []
     for j, d in enumerate(drafts):
-        p = target[j]
-        if greedy:
-            if int(p.argmax()) != d:
-                out.append(int(p.argmax()))
-                return out
-            out.append(d)
-            continue
-        q = draft_probs[j]
+        p, q = target[j], draft_probs[j]
         if uniform(generator, default) * float(q[d]) <= float(p[d]):   # u < p/q, without dividing by zero
             out.append(d)
             continue
@@ -117,6 +129,5 @@ def verify_drafts(target: torch.Tensor, drafts: list[int], draft_probs: torch.Te
         residual = residual / residual.sum() if residual.sum() > 0 else p
         out.append(draw(residual[None], [generator], default)[0])
         return out
-    last = target[len(drafts)]
-    out.append(int(last.argmax()) if greedy else draw(last[None], [generator], default)[0])
+    out.append(draw(target[len(drafts)][None], [generator], default)[0])
     return out

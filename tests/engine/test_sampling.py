@@ -106,7 +106,7 @@ def test_speculative_rejection_sampling_follows_target_distribution():
     accepted = 0
     for _ in range(n):
         d = int(torch.multinomial(q, 1, generator=g))
-        toks = verify_drafts(torch.stack([p, p]), [d], q[None], greedy=False, generator=None, default=g)
+        toks = verify_drafts(torch.stack([p, p]), [d], q[None], generator=None, default=g)
         counts[toks[0]] += 1
         accepted += len(toks) == 2
     freq = counts / n
