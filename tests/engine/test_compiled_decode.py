@@ -11,7 +11,8 @@ from engine_helpers import greedy_reference, prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
-pytestmark = pytest.mark.skipif(os.environ.get("RAYMOE_TEST_DEVICE", "cpu") != "cpu", reason="torch.compile of the decode step is the CPU path")
+pytestmark = pytest.mark.skipif(os.environ.get("RAYMOE_TEST_DEVICE", "cpu") != "cpu",
+                                reason="torch.compile of the decode step is the CPU path")
 
 
 @pytest.fixture(scope="module")
