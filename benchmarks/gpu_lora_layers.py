@@ -5,10 +5,11 @@ Builds raymoe decoder layers at the release's sizes (hidden 7168, MLA with q_lor
 128 heads, a dense layer with intermediate 18432, an MoE layer with 256 routed experts of 2048, top-8 in 4 of 8
 groups, one shared expert) with random bf16 weights, applies LoRA exactly as finetuning does (finetune.lora:
 PEFT module LoRA on the attention projections, PEFT target_parameters on the MLP weights and the stacked
-experts), and times forward + backward of a random activation batch with the base frozen. Useful FLOPs per
-token are counted as finetuning needs them: the forward matmuls (attention projections, causal attention, the
-MLP or the 8 routed + 1 shared experts actually selected, the gate, LoRA) plus the same again for the input
-gradients, plus the LoRA weight gradients; no base weight gradients. Anything else the implementation does (for
+experts), and times forward + backward of a random activation batch with the base frozen, under the objective's
+bf16 autocast (`finetune.objective.mixed_precision`). Useful FLOPs per token are counted as finetuning needs them:
+the forward matmuls (attention projections, causal attention, the MLP or the 8 routed + 1 shared experts actually
+selected, the gate, LoRA) plus the same again for the input gradients, plus the LoRA weight gradients; no base
+weight gradients. Anything else the implementation does (for
 example PEFT materialising W + BA for the whole expert stack and its gradient) shows up as lost efficiency.
 
     python benchmarks/gpu_lora_layers.py                 # on an H200: one dense and one MoE layer, 16K tokens
@@ -139,6 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     from raymoe.finetune.config import LoraConfigSpec
     from raymoe.finetune.lora import apply_lora, plan_lora
+    from raymoe.finetune.objective import mixed_precision
     from raymoe.platform.config import ModelConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,14 +158,17 @@ def main() -> None:
         x = torch.randn(args.batch, args.seq, cfg.hidden_size, device=device, dtype=torch.bfloat16)
         grad = torch.randn_like(x)
 
+        def forward() -> torch.Tensor:
+            with mixed_precision(stack):          # as the finetuning objective runs a bf16 model
+                return pm.get_base_model()(x)
+
         def step() -> None:
-            out = pm.get_base_model()(x)
-            out.backward(grad)
+            forward().backward(grad)
             for p in pm.parameters():
                 p.grad = None
 
         with torch.no_grad():
-            fwd_s = timed(lambda: pm.get_base_model()(x), device, args.iters)
+            fwd_s = timed(forward, device, args.iters)
         step_s = timed(step, device, args.iters)
         flops = useful_flops(cfg, kind, tokens, args.seq, args.rank, lora_active_params(pm, kind, cfg, args.rank))
         tflops = flops / step_s / 1e12

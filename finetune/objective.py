@@ -9,6 +9,8 @@ Works on a plain raymoe model or a PeftModel around one (the LoRA layers sit ins
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,14 @@ from torch import nn
 def base_model(model: nn.Module) -> nn.Module:
     """The raymoe DeepseekV3ForCausalLM inside a PeftModel (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def mixed_precision(model: nn.Module):
+    """The forward's precision context: for a bf16 model, autocast to bf16, so the LoRA branches (whose factors
+    PEFT keeps in fp32, casting the activations up to meet them) run their matmuls in bf16 against fp32 master
+    weights; the MoE gates keep fp32 (Gate turns autocast off). fp32 models run as they are."""
+    p = next(model.parameters())
+    return torch.autocast(p.device.type, dtype=torch.bfloat16) if p.dtype == torch.bfloat16 else nullcontext()
 
 
 def target_counts(mask: torch.Tensor) -> tuple[int, int]:
@@ -33,6 +43,10 @@ class CausalLMObjective(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # ids: [B, T] long; mask: [B, T] (1 = target) -> (sum of main CE, sum of MTP CE) over target tokens
         m = base_model(self.model)
+        with mixed_precision(m):
+            return self._losses(m, ids, mask)
+
+    def _losses(self, m: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = m.hidden_states(ids)                                            # [B, T, H]
         sel = mask[:, 1:].bool()
         logits = m.lm_head(h[:, :-1][sel])                                  # [N, V]

@@ -57,3 +57,28 @@ def test_loss_free_balancing_evens_out_expert_load(tiny32):
     assert history[0] > 1.5                         # a random gate routes unevenly
     assert history[-1] < 0.8 * history[0]
     assert all(float(m.gate.e_score_correction_bias.abs().max()) > 0.05 for m in layers)
+
+
+def test_bf16_training_autocasts_lora_but_keeps_routing_fp32(tiny32):
+    """A bf16 model trains under autocast: the LoRA branches (fp32 factors) run their matmuls in bf16 and get fp32
+    gradients, while the gates still score in fp32 (the same experts as without autocast)."""
+    from raymoe.finetune.config import LoraConfigSpec
+    from raymoe.finetune.lora import apply_lora, plan_lora
+    from raymoe.finetune.objective import mixed_precision
+    m = from_pretrained(tiny32, dtype=torch.bfloat16)
+    spec = LoraConfigSpec(rank=4, alpha=8, targets=["all"])
+    pm = apply_lora(m, spec, plan_lora(m, spec), seed=0)
+    gate = m.model.layers[1].mlp.gate
+    x = torch.randn(64, m.config.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        plain = gate(x)
+        with mixed_precision(m):
+            cast = gate(x)
+    assert torch.equal(plain[0], cast[0]) and cast[2].dtype == torch.float32 and torch.equal(plain[2], cast[2])
+    ids = torch.randint(5, 700, (2, 16), generator=torch.Generator().manual_seed(2))
+    main, _ = CausalLMObjective(pm)(ids, torch.ones(2, 16))
+    main.backward()
+    grads = {n: p.grad for n, p in pm.named_parameters() if "lora_" in n}
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()
+                         for g in grads.values())
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)   # B starts at 0: A's grads are 0
