@@ -154,6 +154,13 @@ def apply_lora(model: nn.Module, spec: LoraConfigSpec, plan: LoraPlan, seed: int
     torch.manual_seed(seed)
     pm = get_peft_model(model, train_config(plan, spec))
     expert_lora.install(pm)
+    # A bf16 model trains under autocast (objective.mixed_precision), which runs the LoRA matmuls in bf16 against
+    # the fp32 factors; PEFT's own cast of every LoRA input up to fp32 would only add two full copies of it.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    for m in pm.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.cast_input_dtype_enabled = not bf16
     for name, p in pm.named_parameters():
         if ".modules_to_save." in name:                   # gates: the bias moves by rule, the weight stays
             p.requires_grad_(False)

@@ -108,11 +108,12 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, w: torch.Tensor, order: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-        # y: [N*k, H] sorted by expert, w: [N, k] -> [N, H] fp32
+        # y: [N*k, H] sorted by expert, w: [N, k] -> [N, H] in y's dtype; one batched product per token
+        # ([1, k] @ [k, H], accumulated in fp32 by the GEMM), so no fp32 [N, k, H] temporary is written
         N, k = w.shape
         yu = y.index_select(0, inv).view(N, k, -1)
         ctx.save_for_backward(yu, w, order)
-        return (yu * w.float()[..., None]).sum(1, dtype=torch.float32)
+        return torch.bmm(w.to(y.dtype)[:, None, :], yu).squeeze(1)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -123,8 +124,19 @@ class _Combine(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dy = g.index_select(0, order // k).mul_(w.flatten()[order].to(g.dtype)[:, None])
         if ctx.needs_input_grad[1]:
-            dw = (yu * g[:, None, :]).sum(-1, dtype=torch.float32).to(w.dtype)
+            dw = torch.bmm(yu, g[:, :, None]).squeeze(-1).to(w.dtype)                      # [N, k]
         return dy, dw, None, None
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    # h: [M, 2I] (gate | up) -> [M, I]
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# Training on CUDA: SwiGLU and its backward as one fused kernel each (Inductor), instead of several elementwise
+# passes and a cat of the two input gradients over all N * k rows.
+_swiglu_fused = torch.compile(_swiglu, dynamic=True)
 
 
 class RoutedExperts(nn.Module):
@@ -213,8 +225,9 @@ class RoutedExperts(nn.Module):
         partial = self.count < self.n_total
         if partial and torch.is_grad_enabled():    # rows past the last group get an undefined input gradient
             xs = torch.where(held[order][:, None], xs, 0)
-        gate, up = self._grouped_proj(xs, "gate_up_proj", offs, lora).chunk(2, dim=-1)  # [N*k, I] each
-        y = self._grouped_proj((F.silu(gate) * up).contiguous(), "down_proj", offs, lora)  # [N*k, H]
+        h = self._grouped_proj(xs, "gate_up_proj", offs, lora)                # [N*k, 2I]
+        act = _swiglu_fused(h) if h.is_cuda and torch.is_grad_enabled() else _swiglu(h)
+        y = self._grouped_proj(act.contiguous(), "down_proj", offs, lora)     # [N*k, H]
         if partial:
             y = torch.where(held[order][:, None], y, 0)                       # rows past the last group: undefined
         return _Combine.apply(y, topk_w, order, inv).to(x.dtype)
