@@ -134,9 +134,12 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-# Training on CUDA: SwiGLU and its backward as one fused kernel each (Inductor), instead of several elementwise
-# passes and a cat of the two input gradients over all N * k rows.
-_swiglu_fused = torch.compile(_swiglu, dynamic=True)
+@functools.cache
+def _swiglu_fused():
+    """Training on CUDA: SwiGLU and its backward as one fused kernel each (Inductor), instead of several elementwise
+    passes and a cat of the two input gradients over all N * k rows. Built at first use (importing the compiler
+    costs over a second)."""
+    return torch.compile(_swiglu, dynamic=True)
 
 
 class RoutedExperts(nn.Module):
@@ -226,7 +229,7 @@ class RoutedExperts(nn.Module):
         if partial and torch.is_grad_enabled():    # rows past the last group get an undefined input gradient
             xs = torch.where(held[order][:, None], xs, 0)
         h = self._grouped_proj(xs, "gate_up_proj", offs, lora)                # [N*k, 2I]
-        act = _swiglu_fused(h) if h.is_cuda and torch.is_grad_enabled() else _swiglu(h)
+        act = _swiglu_fused()(h) if h.is_cuda and torch.is_grad_enabled() else _swiglu(h)
         y = self._grouped_proj(act.contiguous(), "down_proj", offs, lora)     # [N*k, H]
         if partial:
             y = torch.where(held[order][:, None], y, 0)                       # rows past the last group: undefined
