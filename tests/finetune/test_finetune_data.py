@@ -80,6 +80,20 @@ def test_uri_paths_read_through_fsspec():
         load_examples([f"file://{QA}.missing"])
 
 
+def test_object_store_style_uri_reads_like_a_local_file():
+    """A non-local filesystem (fsspec's in-memory store stands in for s3:// or gs://, which need credentials):
+    the same records, and a malformed line is reported with the URI and its line number."""
+    fsspec = pytest.importorskip("fsspec")
+    with fsspec.open("memory://bucket/qa.jsonl", "wt") as f:
+        f.write(QA.read_text())
+    assert [e.record for e in load_examples(["memory://bucket/qa.jsonl"])] == \
+        [e.record for e in load_examples([str(QA)])]
+    with fsspec.open("memory://bucket/bad.jsonl", "wt") as f:
+        f.write('{"prompt": "a", "completion": "b"}\n{not json\n')
+    with pytest.raises(DataError, match=r"memory://bucket/bad.jsonl:2"):
+        load_examples(["memory://bucket/bad.jsonl"])
+
+
 def test_packing_and_truncation(tok):
     examples = load_examples([str(QA)])
     single = [tokenize(e, tok) for e in examples]
