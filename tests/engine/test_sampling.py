@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from raymoe.platform.config import SamplingParams
 from raymoe.platform.engine import RequestError
-from raymoe.platform.engine.sampler import processed_probs, verify_drafts
+from raymoe.platform.engine.sampler import accept_greedy, processed_probs, verify_drafts
 from engine_helpers import prompts
 
 
@@ -132,3 +132,13 @@ def test_speculative_sampling_end_to_end_matches_plain_distribution(make_engine)
     a, b = law(plain), law(spec)
     tv = 0.5 * sum(abs(a.get(k, 0) - b.get(k, 0)) for k in set(a) | set(b))
     assert tv < 0.2, (tv, a, b)   # two samples of one law over <= 9 pairs: TV ~0.08 expected
+
+
+def test_greedy_verification_keeps_drafts_up_to_the_first_mismatch():
+    assert accept_greedy([5, 6], [5, 6, 9]) == [5, 6, 9]        # all accepted, then the bonus token
+    assert accept_greedy([5, 6], [5, 7, 9]) == [5, 7]           # the second draft rejected: the target's token
+    assert accept_greedy([4], [5, 1]) == [5]
+    logits = torch.tensor([[0.1, 2.0, 0.3], [1.0, 0.5, 0.2]])
+    mixed = processed_probs(logits, [SamplingParams(temperature=0), SamplingParams(temperature=1.0)])
+    assert mixed[0].tolist() == [0.0, 1.0, 0.0]                 # greedy rows: one-hot on the argmax
+    assert torch.allclose(mixed[1], torch.softmax(logits[1], -1))
