@@ -47,7 +47,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: [N, hidden] -> topk_ids [N, k] long, topk_w [N, k] fp32, scores [N, E] fp32
-        with torch.autocast(x.device.type, enabled=False):     # bf16 training autocasts matmuls; routing stays fp32
+        if torch.is_autocast_enabled(x.device.type):    # bf16 training autocasts matmuls; routing stays fp32
+            with torch.autocast(x.device.type, enabled=False):
+                scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        else:                                             # (inference: no context manager on the decode path)
             scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores + self.e_score_correction_bias
         grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)

@@ -39,39 +39,33 @@ def test_grouped_experts_equal_loop(tiny_ckpt_fp32):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decode_equals_eager(tiny_ckpt):
+    eager, graphs = _eager_and_graphs(tiny_ckpt, prompts(12, (5, 19, 33, 8, 12)))
+    assert eager[0] == graphs[0]
+    assert graphs[1].runner.graphs.graphs and eager[1].runner.graphs is None   # captured and replayed
+
+
+def _eager_and_graphs(tiny_ckpt, ps: list[list[int]], k: int = 0):
+    """Greedy tokens of ps from an eager engine and from one with CUDA graphs: ((tokens, engine), (tokens, engine))."""
     model = from_pretrained(tiny_ckpt, dtype=torch.bfloat16, device="cuda")
-    ps = prompts(12, (5, 19, 33, 8, 12))
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    outs = {}
+    runs = []
     for eager in (True, False):
         eng = LLMEngine(EngineConfig(model=str(tiny_ckpt), device="cuda", dtype="bfloat16", num_blocks=256,
-                                     block_size=16, enforce_eager=eager, cuda_graph_sizes=[1, 2, 4, 8]), model=model)
-        assert (eng.runner.graphs is None) == eager
-        outs[eager] = [r["outputs"][0]["token_ids"] for r in eng.generate(ps, params)]
-        if not eager:
-            assert eng.runner.graphs.graphs            # graphs were captured and replayed
+                                     block_size=16, enforce_eager=eager, cuda_graph_sizes=[1, 2, 4, 8],
+                                     num_speculative_tokens=k), model=model)
+        runs.append(([r["outputs"][0]["token_ids"] for r in eng.generate(ps, params)], eng))
         eng.blocks.check_no_leak()
-    assert outs[True] == outs[False]
+    return runs[0], runs[1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("k", [1, 2])
 def test_cuda_graph_mtp_steps_equal_eager(tiny_ckpt, k):
     """With MTP, verification (q = k + 1) and drafting steps replay graphs too; tokens equal the eager engine's."""
-    model = from_pretrained(tiny_ckpt, dtype=torch.bfloat16, device="cuda")
-    ps = prompts(13, (5, 19, 33, 8, 12))
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    outs = {}
-    for eager in (True, False):
-        eng = LLMEngine(EngineConfig(model=str(tiny_ckpt), device="cuda", dtype="bfloat16", num_blocks=256,
-                                     block_size=16, enforce_eager=eager, cuda_graph_sizes=[1, 2, 4, 8],
-                                     num_speculative_tokens=k), model=model)
-        outs[eager] = [r["outputs"][0]["token_ids"] for r in eng.generate(ps, params)]
-        if not eager:
-            kinds = {(mtp, q) for mtp, q, _, _ in eng.runner.graphs.graphs}
-            assert (False, k + 1) in kinds and (True, k + 1) in kinds, kinds
-        eng.blocks.check_no_leak()
-    assert outs[True] == outs[False]
+    eager, graphs = _eager_and_graphs(tiny_ckpt, prompts(13, (5, 19, 33, 8, 12)), k)
+    assert eager[0] == graphs[0]
+    kinds = {(mtp, q) for mtp, q, _, _ in graphs[1].runner.graphs.graphs}
+    assert (False, k + 1) in kinds and (True, k + 1) in kinds, kinds
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
