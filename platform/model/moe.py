@@ -105,9 +105,9 @@ class _SortRows(torch.autograd.Function):
 
 
 class _Combine(torch.autograd.Function):
-    """out[n] = sum_j w[n, j] * y[inv[n * k + j]] in fp32: the expert-sorted rows un-sorted (a gather, so
-    deterministic) and reduced over each token's k experts. The backward is a gather and a product, where
-    autograd's would scatter with atomics and keep fp32 copies of all N * k rows."""
+    """out[n] = sum_j w[n, j] * y[inv[n * k + j]]: the expert-sorted rows un-sorted (a gather, so deterministic)
+    and reduced over each token's k experts by a batched product that accumulates in fp32. The backward is a
+    gather and a product, where autograd's would scatter with atomics."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, w: torch.Tensor, order: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,7 @@ class _Combine(torch.autograd.Function):
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
-    # h: [M, 2I] (gate | up) -> [M, I]
+    # h: [..., 2I] (gate | up, as the stacked gate_up_proj lays them out) -> [..., I]
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -189,8 +189,8 @@ class RoutedExperts(nn.Module):
         rows = pick // k
         buf = x.new_zeros(self.count, int(counts.max()), x.shape[1])
         buf[e, slot] = x[rows]
-        gate, up = torch.bmm(buf, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)   # [E, M, I] each
-        y = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))[e, slot]      # [A, H]
+        act = _swiglu(torch.bmm(buf, self.gate_up_proj.transpose(1, 2)))               # [E, M, I]
+        y = torch.bmm(act, self.down_proj.transpose(1, 2))[e, slot]                    # [A, H]
         return torch.zeros_like(x).index_add_(0, rows, y * topk_w.flatten()[pick].to(x.dtype)[:, None])
 
     def _gathered(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
@@ -199,8 +199,8 @@ class RoutedExperts(nn.Module):
         N, k = topk_ids.shape
         ids = topk_ids.flatten()
         xs = x.repeat_interleave(k, dim=0)[:, :, None]                                  # [N*k, H, 1]
-        gate, up = torch.bmm(self.gate_up_proj[ids], xs).squeeze(-1).chunk(2, dim=-1)  # [N*k, I] each
-        y = torch.bmm(self.down_proj[ids], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # [N*k, H]
+        act = _swiglu(torch.bmm(self.gate_up_proj[ids], xs).squeeze(-1))               # [N*k, I]
+        y = torch.bmm(self.down_proj[ids], act[:, :, None]).squeeze(-1)                # [N*k, H]
         return (y.view(N, k, -1) * topk_w.to(x.dtype)[..., None]).sum(1)
 
     def _grouped_ok(self, x: torch.Tensor, lora: dict[str, ExpertLora] | None = None) -> bool:
@@ -272,8 +272,7 @@ class RoutedExperts(nn.Module):
             if n == 0:
                 continue
             r = rows[start:start + n]
-            gate, up = self._linear(x[r], "gate_up_proj", e, lora).chunk(2, dim=-1)
-            y = self._linear(F.silu(gate) * up, "down_proj", e, lora)
+            y = self._linear(_swiglu(self._linear(x[r], "gate_up_proj", e, lora)), "down_proj", e, lora)
             out.index_add_(0, r, y * weights[start:start + n, None])
             start += n
         return out
