@@ -133,8 +133,9 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAtte
         probs = torch.softmax(scores, dim=-1).to(kv.dtype)
         return torch.bmm(probs, kv[..., :value_dim])                        # [B, H, R]
     qlen = meta.uniform_query_len
-    if qlen is not None and qlen <= 16:
-        # every sequence computes the same few tokens (MTP verification, short chunks): one batched product
+    if qlen is not None and (qlen <= 16 or meta.query_len is not None):
+        # every sequence computes the same few tokens (MTP verification, short chunks; any number for a batch
+        # built by `PagedAttention.uniform`, which has no host lists for the per-sequence path): one batched product
         B, H, D = meta.num_seqs, q.shape[1], q.shape[2]
         slots, _ = meta.decode_slots()
         kv = flat[slots]                                                    # [B, L, D]
