@@ -15,8 +15,8 @@ import logging
 
 import torch
 
-from raymoe.platform.engine.uniform_batch import uniform_inputs
-from raymoe.platform.model import DeepseekV3ForCausalLM, PagedAttention
+from raymoe.platform.engine.uniform_batch import run_uniform, uniform_inputs
+from raymoe.platform.model import DeepseekV3ForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,11 @@ class CompiledDecode:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor, query_len: int) -> torch.Tensor:
-        # ids, positions, slots: [B * q]; tables: [B, W]; lens: [B] -> final hidden [B * q, H]
-        meta = PagedAttention.uniform(slots, tables, lens, query_len, self.bs)
-        return self.model.forward_cached(ids, positions, self.caches, meta)
+        return run_uniform(self.model, self.caches, self.bs, query_len, ids, positions, slots, tables, lens)
 
     def _mtp_forward(self, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                      tables: torch.Tensor, lens: torch.Tensor, query_len: int) -> torch.Tensor:
-        # hidden: [B * q, H] main (or previous MTP) hidden; ids: [B * q] the token after each -> MTP hidden
-        meta = PagedAttention.uniform(slots, tables, lens, query_len, self.bs)
-        return self.model.mtp_forward_cached(hidden, ids, positions, self.caches, meta)
+        return run_uniform(self.model, self.caches, self.bs, query_len, ids, positions, slots, tables, lens, hidden)
 
     def run(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int]) -> torch.Tensor | None:
         """The step for B sequences computing q tokens each at positions starts[b].. -> hidden [B * q, H], or

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from raymoe.platform.engine.uniform_batch import uniform_inputs
-from raymoe.platform.model import DeepseekV3ForCausalLM, PagedAttention
+from raymoe.platform.engine.uniform_batch import run_uniform, uniform_inputs
+from raymoe.platform.model import DeepseekV3ForCausalLM
 
 _INPUTS = ("ids", "pos", "slots", "tables", "lens")
 
@@ -52,20 +52,17 @@ class DecodeGraphs:
         if mtp:
             buf["hidden"] = torch.zeros(B * q, self.model.config.hidden_size, dtype=self.caches[0].dtype,
                                         device=self.device)
-        meta = PagedAttention.uniform(buf["slots"], buf["tables"], buf["lens"], q, self.bs)
 
         def run():
-            if mtp:
-                return self.model.mtp_forward_cached(buf["hidden"], buf["ids"], buf["pos"], self.caches, meta)
-            return self.model.forward_cached(buf["ids"], buf["pos"], self.caches, meta)
+            return run_uniform(self.model, self.caches, self.bs, q, *(buf[name] for name in _INPUTS),
+                               hidden=buf.get("hidden"))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):
                 run()
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        meta._decode = None                 # per-batch derived indices must be recomputed inside the graph
+        graph = torch.cuda.CUDAGraph()          # (a fresh PagedAttention per run: its indices are built inside)
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
             buf["out"] = run()
         self.pool = graph.pool()

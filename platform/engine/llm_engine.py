@@ -232,7 +232,7 @@ class LLMEngine:
         # or compiled steps, run the MTP module over all k + 1 (the extra rows write latents past the sequence's
         # end, which the next step overwrites before anything reads them) so the batch stays uniform.
         q = self.num_spec + 1
-        span = ({i: q for i in idx} if self.runner.runs_uniform_steps and
+        span = ({i: q for i in idx} if self.runner.uniform is not None and
                 all(sched[i].num_tokens == q and sched[i].reaches_end for i in idx) else {i: valid[i] for i in idx})
         rows = torch.cat([torch.arange(offsets[i], offsets[i] + span[i]) for i in idx]).to(hidden.device)
         nxt = []

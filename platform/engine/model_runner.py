@@ -35,11 +35,9 @@ class ModelRunner:
         self.compiled = None
         if compile_query_lens and CompiledDecode.supported(model):
             self.compiled = CompiledDecode(model, self.caches, block_size, compile_query_lens)
-
-    @property
-    def runs_uniform_steps(self) -> bool:
-        """Whether uniform steps (B sequences x q tokens) take a faster path (CUDA graphs or torch.compile)."""
-        return self.graphs is not None or self.compiled is not None
+        # the fast path of uniform steps (B sequences x q tokens), if any: graphs on CUDA, compiled on the CPU;
+        # its run / run_mtp return None when it cannot serve the step after all
+        self.uniform: DecodeGraphs | CompiledDecode | None = self.graphs or self.compiled
 
     @staticmethod
     def cache_bytes_per_block(model: DeepseekV3ForCausalLM, block_size: int, use_mtp: bool, dtype: torch.dtype) -> int:
@@ -66,10 +64,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int]) -> torch.Tensor:
         # tokens[b]: the ids sequence b computes, at positions starts[b]..; -> final hidden [sum(len), H]
-        if self.graphs is not None and self.graphs.can_run(tokens):
-            return self.graphs.run(tokens, tables, starts)
-        if self.compiled is not None and self.compiled.can_run(tokens):
-            hidden = self.compiled.run(tokens, tables, starts)
+        if self.uniform is not None and self.uniform.can_run(tokens):
+            hidden = self.uniform.run(tokens, tables, starts)
             if hidden is not None:
                 return hidden
         positions, meta = self._meta(tables, starts, [len(t) for t in tokens])
@@ -81,10 +77,8 @@ class ModelRunner:
             starts: list[int]) -> torch.Tensor:
         # hidden: [sum(len), H] main (or previous MTP) hidden at those positions; next_ids[b]: the token after
         # each position -> MTP hidden [sum(len), H] (logits via model.compute_logits)
-        if self.graphs is not None and self.graphs.can_run(next_ids):
-            return self.graphs.run_mtp(hidden, next_ids, tables, starts)
-        if self.compiled is not None and self.compiled.can_run(next_ids):
-            out = self.compiled.run_mtp(hidden, next_ids, tables, starts)
+        if self.uniform is not None and self.uniform.can_run(next_ids):
+            out = self.uniform.run_mtp(hidden, next_ids, tables, starts)
             if out is not None:
                 return out
         positions, meta = self._meta(tables, starts, [len(t) for t in next_ids])

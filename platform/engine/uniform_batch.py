@@ -1,5 +1,5 @@
-"""The inputs of a uniform step (B sequences computing q tokens each: decode, MTP verification or drafting) as
-host tensors, optionally padded to a fixed batch and table width for a captured CUDA graph.
+"""Uniform steps (B sequences computing q tokens each: decode, MTP verification or drafting): their inputs as host
+tensors, optionally padded to a fixed batch and table width for a captured CUDA graph, and the step itself.
 
 Padding rows compute q tokens at positions 0..q-1 of `pad_block` (a scratch block no sequence owns) and attend only
 to those; padding table columns point at `pad_block` too and lie past every length, so they are masked.
@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from raymoe.platform.model import DeepseekV3ForCausalLM, PagedAttention
 
 
 @dataclass
@@ -40,3 +42,15 @@ def uniform_inputs(tokens: list[list[int]], tables: list[list[int]], starts: lis
     ids = torch.zeros(R * q, dtype=torch.long)
     ids[:B * q] = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
     return UniformInputs(ids, pos, block * block_size + pos % block_size, table, first + q)
+
+
+def run_uniform(model: DeepseekV3ForCausalLM, caches: list[torch.Tensor], block_size: int, query_len: int,
+                ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                lens: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """One uniform step over device tensors: the main model, or (with `hidden`, what it continues from) the MTP
+    module. What a CUDA graph captures and what torch.compile traces."""
+    # ids, positions, slots: [B * q]; tables: [B, W]; lens: [B]; hidden: [B * q, H] -> hidden [B * q, H]
+    meta = PagedAttention.uniform(slots, tables, lens, query_len, block_size)
+    if hidden is None:
+        return model.forward_cached(ids, positions, caches, meta)
+    return model.mtp_forward_cached(hidden, ids, positions, caches, meta)
