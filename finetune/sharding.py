@@ -46,7 +46,7 @@ def is_sharded(module: nn.Module) -> bool:
 @contextmanager
 def accumulating(module: nn.Module, sync: bool) -> Iterator[None]:
     """Backward passes inside reduce gradients over workers only when `sync` (the last micro-batch)."""
-    if sync or not isinstance(module, nn.Module):
+    if sync:
         yield
     elif is_sharded(module):
         module.set_requires_gradient_sync(False)
