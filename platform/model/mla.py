@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.platform.config import ModelConfig
+from raymoe.platform.model import fused
 from raymoe.platform.model.attention import PagedAttention, causal_latent_attention, paged_latent_attention
 from raymoe.platform.model.norm import RMSNorm
 from raymoe.platform.model.rope import RotaryEmbedding
@@ -42,20 +43,25 @@ class MLA(nn.Module):
         object.__setattr__(self, "rope", rope)  # shared and unregistered: no weights, and .to(dtype) must not touch it
 
     # ---- projections ---------------------------------------------------------------------------------------------
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # x: [N, hidden]; positions: [N]
-        # -> q_nope [N, H, nope], q_pe [N, H, rope] (rotated), latent [N, kv_lora_rank + rope] (normed c_kv | k_pe)
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, hidden] -> q [N, H, nope + rope], before RoPE
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(-1, self.n_heads, self.qk_head_dim)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q.view(-1, self.n_heads, self.qk_head_dim)
+
+    def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [N, hidden]; cos/sin: [N, rope/2] -> [N, kv_lora_rank + rope] (normed c_kv | rotated k_pe)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return torch.cat([self.kv_a_layernorm(c_kv), self.rope.rotate(k_pe, cos, sin)], dim=-1)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [N, hidden]; positions: [N]
+        # -> q_nope [N, H, nope], q_pe [N, H, rope] (rotated), latent [N, kv_lora_rank + rope] (normed c_kv | k_pe)
+        q_nope, q_pe = self._query(x).split([self.nope_dim, self.rope_dim], dim=-1)
         cos, sin = self.rope.cos_sin(positions)
-        q_pe = self.rope.rotate(q_pe, cos, sin)
-        k_pe = self.rope.rotate(k_pe, cos, sin)
-        return q_nope, q_pe, torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
+        return q_nope, self.rope.rotate(q_pe, cos, sin), self._latent(x, cos, sin)
 
     def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
@@ -76,15 +82,15 @@ class MLA(nn.Module):
     # ---- the three paths -----------------------------------------------------------------------------------------
     def forward_naive(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x: [B, T, hidden]; positions: [B, T] -> [B, T, hidden]; full causal attention, no cache
+        # (the training path: RoPE on q and the per-head keys are one fused kernel each when training on a GPU)
         B, T, _ = x.shape
-        q_nope, q_pe, latent = self.project(x.reshape(B * T, -1), positions.reshape(-1))
-        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        x = x.reshape(B * T, -1)
+        cos, sin = self.rope.cos_sin(positions.reshape(-1))
+        q = fused.rope_query(self._query(x), cos, sin, self.nope_dim, self.rope.interleaved)   # [N, H, nope+rope]
+        c_kv, k_pe = self._latent(x, cos, sin).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(c_kv).view(B * T, self.n_heads, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        q = torch.cat([q_nope, q_pe], -1).view(B, T, self.n_heads, -1).transpose(1, 2)
-        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.n_heads, -1)], -1)
-        k = k.view(B, T, self.n_heads, -1).transpose(1, 2)
-        v = v.view(B, T, self.n_heads, -1).transpose(1, 2)
+        k, v = fused.expand_kv(kv, k_pe, self.nope_dim)                       # [N, H, nope+rope], [N, H, v]
+        q, k, v = (t.view(B, T, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 

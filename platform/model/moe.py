@@ -19,12 +19,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.platform.config import ModelConfig
+from raymoe.platform.model import fused
 from raymoe.platform.model.mlp import MLP
 
 
 class ExpertDispatch(Protocol):
     def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_w: torch.Tensor) -> torch.Tensor: ...
+
+
+class _GateLogits(torch.autograd.Function):
+    """x W^T in fp32, since routing decides on it. The input gradient is computed in x's dtype, which it is rounded
+    to anyway: for bf16 training a tensor-core GEMM where fp32 would run on the CUDA cores (the fp32 forward and the
+    weight gradient stay fp32)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # x: [N, hidden], w: [E, hidden] fp32 -> [N, E] fp32
+        ctx.save_for_backward(x, w)
+        return F.linear(x.float(), w.float())
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dx = g.to(x.dtype) @ w.to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = (g.t() @ x.float()).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
 
 
 class Gate(nn.Module):
@@ -45,13 +65,19 @@ class Gate(nn.Module):
         self.e_score_correction_bias = self.e_score_correction_bias.float()
         return self
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, hidden] -> [N, E] fp32
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _GateLogits.apply(x, self.weight)
+        return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: [N, hidden] -> topk_ids [N, k] long, topk_w [N, k] fp32, scores [N, E] fp32
         if torch.is_autocast_enabled(x.device.type):    # bf16 training autocasts matmuls; routing stays fp32
             with torch.autocast(x.device.type, enabled=False):
-                scores = F.linear(x.float(), self.weight.float()).sigmoid()
+                scores = self._logits(x).sigmoid()
         else:                                             # (inference: no context manager on the decode path)
-            scores = F.linear(x.float(), self.weight.float()).sigmoid()
+            scores = self._logits(x).sigmoid()
         choice = scores + self.e_score_correction_bias
         grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
         group_scores = grouped.topk(2, dim=-1)[0].sum(-1)                                # [N, G]
@@ -87,62 +113,55 @@ def _cpu_grouped_mm(dtype: torch.dtype) -> bool:
 
 class _SortRows(torch.autograd.Function):
     """xs = x[order // k]: each token's row once per chosen expert, sorted by expert (order: a permutation of the
-    N * k assignments, inv its inverse). The backward gathers with inv and sums each token's k rows (in the
-    reduction's fp32), where autograd's would scatter-add into x."""
+    N * k assignments, inv its inverse). The backward gathers with inv and sums each token's k rows in fp32, where
+    autograd's would scatter-add into x (`fuse`: as one kernel, fused.sum_rows_backward)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int, fuse: bool) -> torch.Tensor:
         # x: [N, H] -> [N*k, H]
         ctx.save_for_backward(inv)
-        ctx.k = k
+        ctx.k, ctx.fuse = k, fuse
         return x.index_select(0, order // k)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (inv,) = ctx.saved_tensors
-        g = g.index_select(0, inv)
-        return g.view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+        return fused.sum_rows_backward(g, inv, ctx.k, training=ctx.fuse), None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
-    """out[n] = sum_j w[n, j] * y[inv[n * k + j]]: the expert-sorted rows un-sorted (a gather, so deterministic)
-    and reduced over each token's k experts by a batched product that accumulates in fp32. The backward is a
-    gather and a product, where autograd's would scatter with atomics."""
+    """out[n] = sum_j w[n, j] * y[inv[n * k + j]]: the expert-sorted rows un-sorted (a gather, so deterministic) and
+    reduced over each token's k experts in fp32. The backward is a gather, a product and a row-wise dot product,
+    where autograd's would scatter with atomics. `fuse`: each direction as one kernel (fused.combine*), where the
+    eager form is a gather and a [1, k] @ [k, H] batched product per token."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, w: torch.Tensor, order: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-        # y: [N*k, H] sorted by expert, w: [N, k] -> [N, H] in y's dtype; one batched product per token
-        # ([1, k] @ [k, H], accumulated in fp32 by the GEMM), so no fp32 [N, k, H] temporary is written
+    def forward(ctx, y: torch.Tensor, w: torch.Tensor, order: torch.Tensor, inv: torch.Tensor,
+                fuse: bool) -> torch.Tensor:
+        # y: [N*k, H] sorted by expert, w: [N, k] fp32 -> [N, H] in y's dtype
         N, k = w.shape
+        ctx.fuse, ctx.k = fuse, k
+        if fuse:
+            ctx.save_for_backward(y, w, order, inv)
+            return fused.combine(y, w, inv, training=True)
         yu = y.index_select(0, inv).view(N, k, -1)
-        ctx.save_for_backward(yu, w, order)
-        return torch.bmm(w.to(y.dtype)[:, None, :], yu).squeeze(1)
+        ctx.save_for_backward(yu, w, order, inv)
+        return torch.bmm(w.to(y.dtype)[:, None, :], yu).squeeze(1)   # the GEMM accumulates in fp32
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        yu, w, order = ctx.saved_tensors
-        N, k = w.shape
-        g = g.to(yu.dtype)
+        ys, w, order, inv = ctx.saved_tensors
+        k = ctx.k
+        g = g.to(ys.dtype)
+        if ctx.fuse:
+            dy, dw = fused.combine_backward(g, ys, w.flatten()[order], order // k, training=True)
+            return dy, dw[inv].view(w.shape).to(w.dtype), None, None, None
         dy = dw = None
         if ctx.needs_input_grad[0]:
             dy = g.index_select(0, order // k).mul_(w.flatten()[order].to(g.dtype)[:, None])
         if ctx.needs_input_grad[1]:
-            dw = torch.bmm(yu, g[:, :, None]).squeeze(-1).to(w.dtype)                      # [N, k]
-        return dy, dw, None, None
-
-
-def _swiglu(h: torch.Tensor) -> torch.Tensor:
-    # h: [..., 2I] (gate | up, as the stacked gate_up_proj lays them out) -> [..., I]
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-@functools.cache
-def _swiglu_fused():
-    """Training on CUDA: SwiGLU and its backward as one fused kernel each (Inductor), instead of several elementwise
-    passes and a cat of the two input gradients over all N * k rows. Built at first use (importing the compiler
-    costs over a second)."""
-    return torch.compile(_swiglu, dynamic=True)
+            dw = torch.bmm(ys, g[:, :, None]).squeeze(-1).to(w.dtype)                      # [N, k]
+        return dy, dw, None, None, None
 
 
 class RoutedExperts(nn.Module):
@@ -189,7 +208,7 @@ class RoutedExperts(nn.Module):
         rows = pick // k
         buf = x.new_zeros(self.count, int(counts.max()), x.shape[1])
         buf[e, slot] = x[rows]
-        act = _swiglu(torch.bmm(buf, self.gate_up_proj.transpose(1, 2)))               # [E, M, I]
+        act = fused.swiglu(torch.bmm(buf, self.gate_up_proj.transpose(1, 2)))               # [E, M, I]
         y = torch.bmm(act, self.down_proj.transpose(1, 2))[e, slot]                    # [A, H]
         return torch.zeros_like(x).index_add_(0, rows, y * topk_w.flatten()[pick].to(x.dtype)[:, None])
 
@@ -199,7 +218,7 @@ class RoutedExperts(nn.Module):
         N, k = topk_ids.shape
         ids = topk_ids.flatten()
         xs = x.repeat_interleave(k, dim=0)[:, :, None]                                  # [N*k, H, 1]
-        act = _swiglu(torch.bmm(self.gate_up_proj[ids], xs).squeeze(-1))               # [N*k, I]
+        act = fused.swiglu(torch.bmm(self.gate_up_proj[ids], xs).squeeze(-1))               # [N*k, I]
         y = torch.bmm(self.down_proj[ids], act[:, :, None]).squeeze(-1)                # [N*k, H]
         return (y.view(N, k, -1) * topk_w.to(x.dtype)[..., None]).sum(1)
 
@@ -227,16 +246,17 @@ class RoutedExperts(nn.Module):
         counts.index_add_(0, key, torch.ones_like(key, dtype=torch.int32))
         offs = counts[:-1].cumsum(0, dtype=torch.int32)                       # group ends over the sorted rows
         inv = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=x.device))
-        xs = _SortRows.apply(x, order, inv, k)                                # [N*k, H] sorted by expert
+        fuse = fused.use_fused(x)                                             # training on a GPU
+        xs = _SortRows.apply(x, order, inv, k, fuse)                          # [N*k, H] sorted by expert
         partial = self.count < self.n_total
         if partial and torch.is_grad_enabled():    # rows past the last group get an undefined input gradient
             xs = torch.where(held[order][:, None], xs, 0)
         h = self._grouped_proj(xs, "gate_up_proj", offs, lora)                # [N*k, 2I]
-        act = _swiglu_fused()(h) if h.is_cuda and torch.is_grad_enabled() else _swiglu(h)
+        act = fused.swiglu(h)
         y = self._grouped_proj(act.contiguous(), "down_proj", offs, lora)     # [N*k, H]
         if partial:
             y = torch.where(held[order][:, None], y, 0)                       # rows past the last group: undefined
-        return _Combine.apply(y, topk_w, order, inv).to(x.dtype)
+        return _Combine.apply(y, topk_w, order, inv, fuse).to(x.dtype)
 
     def _grouped_proj(self, x: torch.Tensor, name: str, offs: torch.Tensor,
                       lora: dict[str, ExpertLora] | None) -> torch.Tensor:
@@ -272,7 +292,7 @@ class RoutedExperts(nn.Module):
             if n == 0:
                 continue
             r = rows[start:start + n]
-            y = self._linear(_swiglu(self._linear(x[r], "gate_up_proj", e, lora)), "down_proj", e, lora)
+            y = self._linear(fused.swiglu(self._linear(x[r], "gate_up_proj", e, lora)), "down_proj", e, lora)
             out.index_add_(0, r, y * weights[start:start + n, None])
             start += n
         return out

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 
 import torch
+
 from raymoe.platform.config import ModelConfig
+from raymoe.platform.model import fused
 
 
 def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -54,13 +56,4 @@ class RotaryEmbedding:
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [N, heads, dim] (or [N, dim]); cos/sin: [N, dim/2] -> rotated x, de-interleaved layout, x.dtype
-        dtype = x.dtype
-        xf = x.float()
-        if xf.dim() == 3:
-            cos, sin = cos[:, None, :], sin[:, None, :]
-        if self.interleaved:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        else:
-            half = xf.shape[-1] // 2
-            x1, x2 = xf[..., :half], xf[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(dtype)
+        return fused.rotate(x, cos, sin, self.interleaved)
