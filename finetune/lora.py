@@ -18,7 +18,7 @@ parametrisation, which costs about 0.7 ms per wrapped weight on CPU): the math, 
 (`...mlp.gate_proj.lora_A.weight`) and the shapes are identical, so only the config's wording differs between
 the model being trained (`train_config`) and the file (`saved_config`). Routed experts are target_parameters in
 both; in training their LoRA runs factored inside the experts' grouped products (finetune.expert_lora), not as
-PEFT's merge of the whole stack. Dropout is refused with MLP targets, since PEFT's ParamWrapper rejects a config
+PEFT's merge of the whole stack, and module LoRA adds its update inside the rank-r GEMM (finetune.linear_lora). Dropout is refused with MLP targets, since PEFT's ParamWrapper rejects a config
 with dropout.
 With `update_expert_bias`, the MoE gates travel in the adapter as `modules_to_save` (their bias changes; their
 weight stays frozen), which PEFT also loads on transformers.
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raymoe.finetune import expert_lora
+from raymoe.finetune import expert_lora, linear_lora
 from raymoe.finetune.config import LoraConfigSpec
 from raymoe.platform.model.mlp import MLP
 from raymoe.platform.model.moe import MoE
@@ -154,6 +154,7 @@ def apply_lora(model: nn.Module, spec: LoraConfigSpec, plan: LoraPlan, seed: int
     torch.manual_seed(seed)
     pm = get_peft_model(model, train_config(plan, spec))
     expert_lora.install(pm)
+    linear_lora.install(pm)
     # A bf16 model trains under autocast (objective.mixed_precision), which runs the LoRA matmuls in bf16 against
     # the fp32 factors; PEFT's own cast of every LoRA input up to fp32 would only add two full copies of it.
     from peft.tuners.tuners_utils import BaseTunerLayer
