@@ -142,7 +142,7 @@ def bench_ours(ours, cfg, batch: int, prompt: int, steps: int) -> tuple[float, f
         m.record_routing = True
     uniq = []
     for _ in range(3):
-        eng.runner.graphs = None                 # eager for the routing record (graphs keep stale references)
+        eng.runner.graphs = eng.runner.uniform = None   # eager for the routing record (graphs keep stale references)
         eng.step()
         uniq += [m.last_topk_ids.unique().numel() for m in moes]
     for m in moes:

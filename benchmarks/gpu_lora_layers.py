@@ -11,9 +11,14 @@ the forward matmuls (attention projections, causal attention, the MLP or the 8 r
 selected, the gate, LoRA) plus the same again for the input gradients, plus the LoRA weight gradients; no base
 weight gradients. Anything else the implementation does (for
 example PEFT materialising W + BA for the whole expert stack and its gradient) shows up as lost efficiency.
+Each layer is also timed, in the same run, as a baseline without finetune.linear_lora and platform.model.fused
+(PEFT's own nn.Linear LoRA forward, every elementwise op eager). Fractions are of the burst matmul rate (the first
+products of an idle GPU, the higher figure) and of the sustained rate measured after the layers (see
+matmul_tflops).
 
     python benchmarks/gpu_lora_layers.py                 # on an H200: one dense and one MoE layer, 16K tokens
     python benchmarks/gpu_lora_layers.py --small         # CPU smoke test at toy width
+    python benchmarks/gpu_lora_layers.py --profile moe   # + the kernels of one MoE step, by CUDA time
 """
 from __future__ import annotations
 
@@ -112,21 +117,55 @@ def _sig(x: float) -> float:
 
 
 def timed(fn, device: str, iters: int) -> float:
+    """Median seconds of one call over `iters` calls, after one warm-up (each call synchronised: one step is
+    tens of milliseconds, so the sync costs nothing measurable and a slow outlier cannot hide in a mean)."""
     fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def profile(fn, device: str, top: int = 30) -> None:
+    """Print the kernels of one call by total device time (after a warm-up call)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    fn()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=90))
+
+
+def matmul_tflops(device: str, n: int, iters: int) -> tuple[float, float]:
+    """bf16 n x n x n matmul rates on random data: (burst, sustained). Burst: `iters` back-to-back products right
+    after 3 warm-ups, as KINDS.md and gpu_decode.py measure it; sustained: the median of 5 more such blocks. An H200
+    that has been idle runs the first ~30 ms at its burst rate, then settles about 15% lower (power-limited on random
+    data), which is where a training step runs."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+
+    def block(count: int) -> None:
+        for _ in range(count):
+            a @ b
+    block(3)
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
+    block(iters)
     if device == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
-
-
-def matmul_tflops(device: str, n: int, iters: int) -> float:
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    return 2 * n ** 3 / timed(lambda: a @ b, device, iters) / 1e12
+    burst = 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
+    return burst, 2 * n ** 3 * iters / timed(lambda: block(iters), device, 5) / 1e12
 
 
 def main() -> None:
@@ -136,10 +175,16 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--targets", default="all")
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=9)
+    ap.add_argument("--layers", default="dense,moe", help="which layer kinds to time")
+    ap.add_argument("--profile", default="", help="layer kinds whose fwd+bwd step to profile (e.g. moe)")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip the same-run baseline (PEFT's own nn.Linear LoRA forward, no fused kernels)")
     args = ap.parse_args()
+    from raymoe.finetune import linear_lora
     from raymoe.finetune.config import LoraConfigSpec
     from raymoe.finetune.lora import apply_lora, plan_lora
+    from raymoe.platform.model import fused
     from raymoe.finetune.objective import mixed_precision
     from raymoe.platform.config import ModelConfig
 
@@ -147,12 +192,14 @@ def main() -> None:
     if args.small:
         args.batch, args.seq, args.iters = min(args.batch, 2), min(args.seq, 64), min(args.iters, 2)
     cfg = ModelConfig.model_validate(SMALL if args.small else FULL)
-    peak = matmul_tflops(device, 1024 if args.small else 8192, 3 if args.small else 20)
+    n_mm, it_mm = (1024, 3) if args.small else (8192, 20)
+    burst, sustained_before = matmul_tflops(device, n_mm, it_mm)
+    peak = burst
     spec = LoraConfigSpec(rank=args.rank, alpha=2 * args.rank, targets=args.targets.split(","))
     tokens = args.batch * args.seq
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "tokens": tokens,
                "rank": args.rank, "targets": args.targets, "bf16_matmul_tflops": _sig(peak), "layers": {}}
-    for kind in ("dense", "moe"):
+    for kind in args.layers.split(","):
         stack = build(cfg, kind, device, torch.bfloat16)
         pm = apply_lora(stack, spec, plan_lora(stack, spec), seed=0)
         x = torch.randn(args.batch, args.seq, cfg.hidden_size, device=device, dtype=torch.bfloat16)
@@ -170,17 +217,33 @@ def main() -> None:
         with torch.no_grad():
             fwd_s = timed(forward, device, args.iters)
         step_s = timed(step, device, args.iters)
+        if kind in args.profile.split(","):
+            profile(step, device)
         flops = useful_flops(cfg, kind, tokens, args.seq, args.rank, lora_active_params(pm, kind, cfg, args.rank))
         tflops = flops / step_s / 1e12
         results["layers"][kind] = {"fwd_ms": _sig(fwd_s * 1e3), "fwd_bwd_ms": _sig(step_s * 1e3),
                                    "useful_tflop": _sig(flops / 1e12), "achieved_tflops": _sig(tflops),
                                    "fraction_of_matmul": _sig(tflops / peak), "tokens_per_s": round(tokens / step_s)}
+        if not args.no_baseline:       # the same layer without finetune.linear_lora and platform.model.fused
+            linear_lora.uninstall(pm)
+            with fused.set_mode("off"):
+                base_s = timed(step, device, args.iters)
+            linear_lora.install(pm)
+            results["layers"][kind]["baseline_fwd_bwd_ms"] = _sig(base_s * 1e3)
+            results["layers"][kind]["baseline_fraction_of_matmul"] = _sig(flops / base_s / 1e12 / peak)
+            results["layers"][kind]["speedup_vs_baseline"] = _sig(base_s / step_s)
         if device == "cuda":
             results["layers"][kind]["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             torch.cuda.reset_peak_memory_stats()
         del pm, stack, x, grad
         if device == "cuda":
             torch.cuda.empty_cache()
+    # fractions of the burst rate (the higher: conservative), and of the sustained one measured after the layers
+    sustained = matmul_tflops(device, n_mm, it_mm)[1]
+    results["bf16_matmul_tflops"] = {"burst": _sig(burst), "sustained_before": _sig(sustained_before),
+                                     "sustained_after": _sig(sustained)}
+    for r in results["layers"].values():
+        r["fraction_of_sustained_matmul"] = _sig(r["achieved_tflops"] / sustained)
     print(json.dumps(results, indent=2))
 
 
