@@ -5,12 +5,14 @@ under autograd, i.e. training) it runs compiled by Inductor instead, with every 
 (token) ones: one kernel for the forward and one for the backward, instead of a chain of elementwise passes over
 [tokens, width] tensors, and static widths let Triton vectorise its loads. Inference, CUDA-graph capture and the
 CPU keep the eager form. The compiler is imported at first use (it costs over a second). `set_mode` switches the
-choice for tests ("force": fused on any device) and for benchmarks ("off": eager everywhere).
+choice for tests ("force": fused on any device) and for benchmarks ("off": eager everywhere); the environment variable
+RAYMOE_FUSED=off|force sets it for a whole process (a GPU machine without a working Triton trains with "off").
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -18,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 Mode = Literal["auto", "off", "force"]
-_mode: Mode = "auto"
+_mode: Mode = os.environ.get("RAYMOE_FUSED", "auto")  # type: ignore[assignment]
+if _mode not in ("auto", "off", "force"):
+    raise ValueError(f"RAYMOE_FUSED={_mode!r}: expected auto, off or force")
 
 
 @contextlib.contextmanager
