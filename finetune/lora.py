@@ -18,7 +18,8 @@ parametrisation, which costs about 0.7 ms per wrapped weight on CPU): the math, 
 (`...mlp.gate_proj.lora_A.weight`) and the shapes are identical, so only the config's wording differs between
 the model being trained (`train_config`) and the file (`saved_config`). Routed experts are target_parameters in
 both; in training their LoRA runs factored inside the experts' grouped products (finetune.expert_lora), not as
-PEFT's merge of the whole stack, and module LoRA adds its update inside the rank-r GEMM (finetune.linear_lora). Dropout is refused with MLP targets, since PEFT's ParamWrapper rejects a config
+PEFT's merge of the whole stack; module LoRA adds its update inside the rank-r GEMM (finetune.linear_lora).
+Dropout is refused with MLP targets, since PEFT's ParamWrapper rejects a config
 with dropout.
 With `update_expert_bias`, the MoE gates travel in the adapter as `modules_to_save` (their bias changes; their
 weight stays frozen), which PEFT also loads on transformers.

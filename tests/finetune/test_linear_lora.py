@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft.tuners.lora.layer import Linear as PeftLinear
+from safetensors.torch import load_file
 
 from raymoe.finetune import linear_lora
 from raymoe.finetune.config import LoraConfigSpec
@@ -92,9 +93,7 @@ def test_disabled_adapter_and_saving(tiny32, tmp_path):
             assert (pm.get_base_model()(ids) - base).abs().max() < 1e-5
         assert (pm.get_base_model()(ids) - base).abs().max() > 1e-2
     save_adapter(pm, tmp_path / "a")
-    keys = set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
-        str(tmp_path / "a" / "adapter_model.safetensors")))
+    keys = set(load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
     linear_lora.uninstall(pm)
     save_adapter(pm, tmp_path / "b")
-    assert keys == set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
-        str(tmp_path / "b" / "adapter_model.safetensors")))
+    assert keys == set(load_file(str(tmp_path / "b" / "adapter_model.safetensors")))
