@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from raymoe.platform.model.rope import rotate
+
 Mode = Literal["auto", "off", "force"]
 _mode: Mode = os.environ.get("RAYMOE_FUSED", "auto")  # type: ignore[assignment]
 if _mode not in ("auto", "off", "force"):
@@ -88,20 +90,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """RoPE in fp32 (RotaryEmbedding.rotate; always eager, and part of the fused rope_query)."""
-    # x: [N, heads, dim] or [N, dim]; cos/sin: [N, dim/2] fp32 -> rotated x (de-interleaved layout), x.dtype
-    xf = x.float()
-    if xf.dim() == 3:
-        cos, sin = cos[:, None, :], sin[:, None, :]
-    if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    else:
-        half = xf.shape[-1] // 2
-        x1, x2 = xf[..., :half], xf[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 @fusible

@@ -11,7 +11,6 @@ import math
 import torch
 
 from raymoe.platform.config import ModelConfig
-from raymoe.platform.model import fused
 
 
 def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -38,6 +37,20 @@ def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inter * (1 - keep) + extra * keep
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """RoPE in fp32 (also inside the training step's fused rope_query, platform.model.fused)."""
+    # x: [N, heads, dim] or [N, dim]; cos/sin: [N, dim/2] fp32 -> rotated x (de-interleaved layout), x.dtype
+    xf = x.float()
+    if xf.dim() == 3:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    else:
+        half = xf.shape[-1] // 2
+        x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
 class RotaryEmbedding:
     """Holds fp32 inverse frequencies (not a Module, so casting the model to bf16 never rounds them)."""
 
@@ -56,4 +69,4 @@ class RotaryEmbedding:
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [N, heads, dim] (or [N, dim]); cos/sin: [N, dim/2] -> rotated x, de-interleaved layout, x.dtype
-        return fused.rotate(x, cos, sin, self.interleaved)
+        return rotate(x, cos, sin, self.interleaved)
