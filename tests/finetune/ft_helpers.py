@@ -31,3 +31,13 @@ def randomize_lora(model, seed: int = 0, std: float = 0.2) -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def assert_adapter_toggles(pm, base_ckpt, ids) -> None:
+    """With the adapter disabled the PEFT-wrapped raymoe model gives the base model's logits; enabled, it differs."""
+    from raymoe.platform.model import from_pretrained
+    with torch.no_grad():
+        base = from_pretrained(base_ckpt, dtype=torch.float32)(ids)
+        with pm.disable_adapter():
+            assert (pm.get_base_model()(ids) - base).abs().max() < 1e-5
+        assert (pm.get_base_model()(ids) - base).abs().max() > 1e-2
