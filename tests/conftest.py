@@ -17,6 +17,20 @@ def _write(root: Path, name: str, **kw) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ray_cluster():
+    """The test session's one local Ray instance (address='local': never a cluster someone else started), shared by
+    the finetuning, expert-parallel and serving tests. Its 8 logical CPUs let many small actors be placed on this
+    2-core machine; they share the cores. Shut down when the session ends."""
+    import ray
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def ckpt_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ckpts")
 

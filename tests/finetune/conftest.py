@@ -1,4 +1,4 @@
-"""Fixtures for the finetuning tests: an fp32 tiny checkpoint, the Q&A pairs, one thread, a Ray per module."""
+"""Fixtures for the finetuning tests: an fp32 tiny checkpoint, the Q&A pairs, one thread, the shared Ray."""
 from __future__ import annotations
 
 import json
@@ -32,14 +32,7 @@ def qa_pairs() -> list[tuple[str, str]]:
     return [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """Ray for this module: a new local instance (address='local', never a cluster someone else started on the
-    machine), or the one another fixture of this process already holds (then left running)."""
-    import ray
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+@pytest.fixture
+def local_ray(ray_cluster):
+    """The session's shared local Ray instance (tests/conftest.py)."""
+    return ray_cluster
