@@ -138,15 +138,15 @@ def bench_ours(ours, cfg, batch: int, prompt: int, steps: int) -> tuple[float, f
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     moes = ours.moe_layers()
-    for m in moes:
-        m.record_routing = True
     uniq = []
     for _ in range(3):
         eng.runner.graphs = eng.runner.uniform = None   # eager for the routing record (graphs keep stale references)
+        for m in moes:
+            m.count_load()
         eng.step()
-        uniq += [m.last_topk_ids.unique().numel() for m in moes]
+        uniq += [int((m.expert_load > 0).sum()) for m in moes]
     for m in moes:
-        m.record_routing = False
+        m.count_load(False)
     for rid in list(eng.requests):
         eng.abort(rid)
     del eng

@@ -27,15 +27,13 @@ class ExpertLoad:
         n_experts = routing_gate(moe_layers[0]).n_experts if moe_layers else 0
         self.counts = torch.zeros(len(moe_layers), n_experts, dtype=torch.float64)
         for m in moe_layers:
-            m.record_routing = True
+            m.count_load()
 
     def collect(self) -> None:
         """Add the routing of the forward pass that just ran (call after each micro-batch forward)."""
         for i, m in enumerate(self.layers):
-            if m.last_topk_ids is not None:
-                self.counts[i] += torch.bincount(m.last_topk_ids.flatten().cpu(),
-                                                 minlength=self.counts.shape[1]).double()
-                m.last_topk_ids = None
+            self.counts[i] += m.expert_load.double().cpu()
+            m.expert_load.zero_()
 
     def finish_step(self, counts: torch.Tensor, update_bias: bool, rate: float) -> float:
         """Use this step's loads `counts` [layers, experts] (summed over all workers by the caller, in one

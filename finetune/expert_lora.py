@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raymoe.platform.model.moe import ExpertLora, MoE, RoutedExperts
+from raymoe.platform.model.moe import ExpertDispatch, ExpertLora, LocalDispatch, MoE, RoutedExperts
 
 
 def factors(wrapper: nn.Module) -> ExpertLora | None:
@@ -33,8 +33,10 @@ def factors(wrapper: nn.Module) -> ExpertLora | None:
     return ExpertLora(a, b, wrapper.scaling[active[0]])
 
 
-class LoraExpertDispatch:
-    """MoE.dispatch of one layer whose routed experts carry PEFT LoRA (a chain of ParamWrappers, one per weight)."""
+class LoraExpertDispatch(ExpertDispatch):
+    """MoE.dispatch of one layer whose routed experts carry PEFT LoRA (a chain of ParamWrappers, one per weight).
+    It wraps the layer's dispatch as every wrapper does (`inner`: the one installed before, else the local
+    experts) and hands the factors down with the rows; a transport that cannot carry them says so."""
 
     def __init__(self, moe: MoE) -> None:
         from peft.tuners.lora.layer import ParamWrapper
@@ -47,16 +49,24 @@ class LoraExpertDispatch:
         if not isinstance(mod, RoutedExperts) or not self.wrappers:
             raise TypeError(f"layer {moe.layer}: experts are {type(mod).__name__}, not PEFT-wrapped RoutedExperts")
         self.experts: RoutedExperts = mod
+        self.inner: ExpertDispatch = moe.dispatch or LocalDispatch(mod)
 
-    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        # x: [N, H]; topk_ids/topk_w: [N, k] -> [N, H]
-        lora = {}
+    def send(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, lora=None):
+        # x: [N, H]; topk_ids/topk_w: [N, k] -> pending [N, H]
+        factors_ = dict(lora or {})
         for w in self.wrappers:
             f = factors(w)
             if f is None:
-                return self.peft(x, topk_ids, topk_w)
-            lora[w.parameter_name] = f
-        return self.experts(x, topk_ids, topk_w, lora=lora)
+                if self.inner.remote:
+                    raise ValueError(f"layer {layer}: PEFT's merging forward (disabled, merged or several "
+                                     f"adapters) needs the layer's experts in this process")
+                return ("peft", self.peft(x, topk_ids, topk_w))
+            factors_[w.parameter_name] = f
+        return ("inner", self.inner.send(layer, x, topk_ids, topk_w, lora=factors_))
+
+    def wait(self, pending):
+        kind, p = pending
+        return p if kind == "peft" else self.inner.wait(p)
 
 
 def install(model: nn.Module) -> int:
@@ -64,11 +74,9 @@ def install(model: nn.Module) -> int:
     `LoraExpertDispatch`. Returns how many layers got one."""
     from peft.tuners.lora.layer import ParamWrapper
     n = 0
-    for name, mod in model.named_modules():
+    for mod in model.modules():
         if isinstance(mod, MoE) and isinstance(mod.experts, ParamWrapper):
-            if mod.dispatch is not None:
-                raise ValueError(f"{name}: already has an expert dispatch ({type(mod.dispatch).__name__}); "
-                                 f"routed-expert LoRA needs the local experts")
-            mod.dispatch = LoraExpertDispatch(mod)
+            if not isinstance(mod.dispatch, LoraExpertDispatch):
+                mod.dispatch = LoraExpertDispatch(mod)
             n += 1
     return n

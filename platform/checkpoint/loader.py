@@ -40,13 +40,14 @@ def _read(reader: SafetensorsReader, key: str, shape: tuple[int, ...], dtype: to
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                experts_range: tuple[int, int] | None = None, config: ModelConfig | None = None
                ) -> DeepseekV3ForCausalLM:
-    """Load the checkpoint at `path`. `experts_range=(a, b)` loads routed experts a..b-1 of every MoE layer only."""
+    """Load the checkpoint at `path`. `experts_range=(a, b)` loads routed experts a..b-1 of every MoE layer only;
+    (0, 0) loads none (the router of an expert-parallel model, whose experts live on shards)."""
     if not Path(path).is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     cfg = config or ModelConfig.from_pretrained(path)
     if experts_range is not None:
         a, b = experts_range
-        if not 0 <= a < b <= cfg.n_routed_experts:
+        if not 0 <= a <= b <= cfg.n_routed_experts:   # a == b: no routed experts (an expert-parallel router)
             raise ValueError(f"experts_range {experts_range} is outside 0..{cfg.n_routed_experts}")
     reader = SafetensorsReader(path)
     block = tuple(cfg.quantization_config.weight_block_size) if cfg.quantization_config else (128, 128)

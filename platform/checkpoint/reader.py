@@ -37,6 +37,7 @@ class SafetensorsReader:
                 self._files = {k: single.name for k in f.keys()}
         self._handles: dict[str, object] = {}
         self.bytes_read = 0
+        self.keys_read: set[str] = set()    # every tensor get() returned (what a shard touched)
 
     def keys(self) -> list[str]:
         return list(self._files)
@@ -59,6 +60,7 @@ class SafetensorsReader:
         if fname is None:
             raise CheckpointError(f"{self.root}: tensor {key!r} is missing from the checkpoint")
         t = self._handle(fname).get_tensor(key)
+        self.keys_read.add(key)
         self.bytes_read += t.numel() * t.element_size()
         return t
 

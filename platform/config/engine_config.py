@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raymoe.platform.config.parallel_config import ParallelConfig
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -31,6 +33,7 @@ class EngineConfig(BaseModel):
     cpu_compile: bool = False
     cpu_threads: int | None = Field(None, gt=0)       # torch intra-op threads on CPU (None: torch's default)
     seed: int = 0
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)   # expert shards (none by default)
 
 
 class SamplingParams(BaseModel):

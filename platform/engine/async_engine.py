@@ -70,6 +70,7 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.engine.close()
 
     # ---- the engine thread ---------------------------------------------------------------------------------------
     def _send(self, rid: str, item) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from raymoe.platform.engine.uniform_batch import run_uniform, uniform_inputs
 from raymoe.platform.model import DeepseekV3ForCausalLM
+from raymoe.platform.model.moe import ExpertDispatch, RoutedExperts
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,25 @@ def _(handle: int, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: 
     return torch.empty_like(x)
 
 
-class _OpaqueDispatch:
-    """An MoE dispatch for the compiled step. Local experts with at most 16 (token, expert) pairs are traced (their
-    gathered-weights path has static shapes: it fuses); anything larger, or a remote dispatch, goes through
-    `eager_experts`."""
+class _OpaqueDispatch(ExpertDispatch):
+    """An MoE dispatch for the compiled step, wrapping the layer's dispatch (`inner`; None: its local experts).
+    Local experts with at most 16 (token, expert) pairs are traced (their gathered-weights path has static shapes:
+    it fuses); anything larger, or any other dispatch, runs whole (send and wait) behind `eager_experts`."""
 
-    def __init__(self, experts, remote) -> None:
-        self.experts, self.remote = experts, remote
+    def __init__(self, experts: RoutedExperts, inner: ExpertDispatch | None) -> None:
+        self.experts, self.inner = experts, inner
         self.handle = len(_EXPERTS)
-        _EXPERTS[self.handle] = remote or (lambda _layer, x, i, w: experts(x, i, w))
+        _EXPERTS[self.handle] = inner or (lambda _layer, x, i, w: experts(x, i, w))
 
-    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        if self.remote is None and topk_ids.numel() <= 16:
-            return self.experts(x, topk_ids, topk_w)
-        return eager_experts(self.handle, layer, x, topk_ids, topk_w)
+    def send(self, layer, hidden, topk_ids, topk_w, lora=None):
+        if lora:
+            raise ValueError("the compiled CPU step does not take LoRA factors")
+        if self.inner is None and topk_ids.numel() <= 16:
+            return self.experts(hidden, topk_ids, topk_w)
+        return eager_experts(self.handle, layer, hidden, topk_ids, topk_w)
+
+    def wait(self, pending):
+        return pending
 
 
 class CompiledDecode:

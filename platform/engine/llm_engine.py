@@ -60,12 +60,23 @@ def _dtype(cfg: EngineConfig) -> torch.dtype:
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, model=None, tokenizer=None) -> None:
+    def __init__(self, cfg: EngineConfig, model=None, tokenizer=None, placement_group=None) -> None:
+        # placement_group: the replica's group whose bundles 1..N take the expert shards (None: the current one,
+        # or a new one); only with cfg.parallel.num_shards
         from raymoe.platform.model import from_pretrained
         self.cfg = cfg
         if cfg.cpu_threads is not None and not str(cfg.device).startswith("cuda"):
             torch.set_num_threads(cfg.cpu_threads)
-        self.model = model if model is not None else from_pretrained(cfg.model, dtype=_dtype(cfg), device=cfg.device)
+        sharded = cfg.parallel.num_shards > 0
+        self.model = model if model is not None else from_pretrained(
+            cfg.model, dtype=_dtype(cfg), device=cfg.device, experts_range=(0, 0) if sharded else None)
+        self.ep = None                   # the expert shards (raymoe.platform.parallel), when the experts are remote
+        if sharded:
+            from raymoe.platform.parallel.expert_parallel import ExpertParallel
+            self.ep = ExpertParallel(cfg.model, self.model, cfg.parallel, placement_group)
+        for moe in self.model.moe_layers():
+            if moe.expert_load is None:
+                moe.count_load()         # tokens per expert per layer, summed on the device (expert_load())
         mcfg = self.model.config
         self.vocab_size = mcfg.vocab_size
         self.max_model_len = cfg.max_model_len or mcfg.max_context
@@ -136,6 +147,12 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def step(self) -> list[Delta]:
+        if self.ep is None:
+            return self._step()
+        with self.ep.stepping():             # a step never mixes two placement plans
+            return self._step()
+
+    def _step(self) -> list[Delta]:
         sched = self.scheduler.schedule()
         if not sched:
             return []
@@ -315,6 +332,18 @@ class LLMEngine:
                 o["logprobs"] += d.logprobs or []
                 o["spec"] = (d.spec_proposed, d.spec_accepted)
         return [{"outputs": [acc[r][i] for i in sorted(acc[r])]} for r in ids]
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert of each MoE layer since the engine started (one host sync, when asked)."""
+        moes = [m for m in self.model.moe_layers() if m.expert_load is not None]
+        counts = torch.stack([m.expert_load for m in moes]).tolist() if moes else []
+        return {m.layer: c for m, c in zip(moes, counts)}
+
+    def close(self) -> None:
+        """Stop the expert shards, if any (the engine is unusable afterwards)."""
+        if self.ep is not None:
+            self.ep.close()
+            self.ep = None
 
     def stats(self) -> dict:
         now = time.perf_counter()

@@ -7,7 +7,7 @@ import torch
 
 from raymoe.platform.model.attention import PagedAttention
 from raymoe.platform.model.decoder import DeepseekV3ForCausalLM, MTPLayer
-from raymoe.platform.model.moe import ExpertDispatch, Gate, MoE, RoutedExperts
+from raymoe.platform.model.moe import ExpertDispatch, Gate, LocalDispatch, MoE, RoutedExperts
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
@@ -17,5 +17,5 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.bfloat16, devic
     return load_model(path, dtype=dtype, device=device, experts_range=experts_range)
 
 
-__all__ = ["DeepseekV3ForCausalLM", "ExpertDispatch", "Gate", "MTPLayer", "MoE", "PagedAttention", "RoutedExperts",
+__all__ = ["DeepseekV3ForCausalLM", "ExpertDispatch", "Gate", "LocalDispatch", "MTPLayer", "MoE", "PagedAttention", "RoutedExperts",
            "from_pretrained"]

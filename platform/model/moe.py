@@ -1,19 +1,21 @@
 """DeepSeek-V3's Mixture-of-Experts layer: the noaux_tc gate, routed experts stacked per layer, shared experts.
 
 Owns the math of routing and of the experts themselves. It never decides where experts live: the MoE layer calls
-one dispatch interface, `ExpertDispatch(layer, hidden, topk_ids, topk_w) -> routed output`; by default that is the
-in-process `RoutedExperts` of this layer, and expert-parallel code (raymoe.platform.parallel) installs a dispatch
-that sends rows to remote shards instead. `RoutedExperts` may hold any subset of the experts (an expert-parallel
-shard holds a contiguous range), and returns the weighted sum over the experts it holds. Finetuning may hand
-`RoutedExperts` LoRA factors of its stacked weights (`ExpertLora`); they are applied per expert, factored, and never
-merged into the stack. Nothing here knows PEFT.
+one dispatch interface, `ExpertDispatch`, split in two so the shared expert runs while the routed experts work:
+`send(layer, hidden, topk_ids, topk_w, lora) -> pending`, then `wait(pending) -> routed output`. With no dispatch
+set the layer calls its own `RoutedExperts`; expert-parallel code (raymoe.platform.parallel) installs a dispatch
+that sends rows to remote shards. Dispatches compose by one rule: a wrapper (LoRA factors, a compiler-opaque op)
+holds an inner dispatch and passes `lora` down to it; the innermost is `LocalDispatch` (the layer's experts) or a
+transport. `RoutedExperts` may hold any set of the experts (a contiguous range, or the ids a placement plan gives
+an expert-parallel shard) and returns the weighted sum over the (token, expert) pairs it holds; an expert id of -1
+is held by nobody (rows a shard gets for its other experts). Finetuning may hand `RoutedExperts` LoRA factors of
+its stacked weights (`ExpertLora`); they are applied per expert, factored, and never merged into the stack.
+Nothing here knows PEFT, Ray or a transport.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,9 +25,35 @@ from raymoe.platform.model import fused
 from raymoe.platform.model.mlp import MLP
 
 
-class ExpertDispatch(Protocol):
-    def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_w: torch.Tensor) -> torch.Tensor: ...
+class ExpertDispatch:
+    """Where an MoE layer's routed experts run. `send` starts the work and returns a handle; `wait` returns the
+    routed output [N, H] (the weighted sum over each token's experts). `remote` dispatches leave the process: they
+    can never be captured in a CUDA graph or traced by a compiler."""
+    remote = False
+
+    def send(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+             lora: dict[str, ExpertLora] | None = None) -> object:
+        raise NotImplementedError
+
+    def wait(self, pending: object) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+                 lora: dict[str, ExpertLora] | None = None) -> torch.Tensor:
+        return self.wait(self.send(layer, hidden, topk_ids, topk_w, lora))
+
+
+class LocalDispatch(ExpertDispatch):
+    """The layer's own `RoutedExperts` behind the dispatch interface (computes in `send`)."""
+
+    def __init__(self, experts: RoutedExperts) -> None:
+        self.experts = experts
+
+    def send(self, layer, hidden, topk_ids, topk_w, lora=None):
+        return self.experts(hidden, topk_ids, topk_w, lora=lora)
+
+    def wait(self, pending):
+        return pending
 
 
 class _GateLogits(torch.autograd.Function):
@@ -165,19 +193,30 @@ class _Combine(torch.autograd.Function):
 
 
 class RoutedExperts(nn.Module):
-    """Experts [first, first + count) of one MoE layer, stacked: gate_up_proj [E, 2I, H], down_proj [E, H, I].
+    """Some experts of one MoE layer, stacked: gate_up_proj [E, 2I, H], down_proj [E, H, I]. Either the range
+    [first, first + count), or any sorted `expert_ids` (an expert-parallel shard's share under a placement plan).
 
     Paths: the grouped GEMM on CUDA bf16, and on the CPU under autograd or with LoRA (torch's CPU grouped GEMM);
     without autograd on the CPU, gathered weights for a few tokens or a padded batch for many; a per-expert loop
     where the grouped GEMM is missing. `lora` maps "gate_up_proj" / "down_proj" to their factors."""
 
-    def __init__(self, cfg: ModelConfig, first: int = 0, count: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, first: int = 0, count: int | None = None,
+                 expert_ids: list[int] | None = None) -> None:
         super().__init__()
-        count = cfg.n_routed_experts - first if count is None else count
-        self.first, self.count, self.n_total = first, count, cfg.n_routed_experts
+        if expert_ids is None:
+            count = cfg.n_routed_experts - first if count is None else count
+            expert_ids = list(range(first, first + count))
+        self.expert_ids = sorted(expert_ids)
+        self.count, self.n_total = len(self.expert_ids), cfg.n_routed_experts
+        self.first = self.expert_ids[0] if self.expert_ids else 0
+        contiguous = self.expert_ids == list(range(self.first, self.first + self.count))
+        # global id -> local index (-1: not held; the extra last entry serves id -1), for non-contiguous sets
+        self._table = None if contiguous else torch.full((self.n_total + 1,), -1, dtype=torch.long,
+                                                         device="cpu").index_copy_(
+            0, torch.tensor(self.expert_ids, dtype=torch.long, device="cpu"), torch.arange(self.count, device="cpu"))
         inter, h = cfg.moe_intermediate_size, cfg.hidden_size
-        self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * inter, h))
-        self.down_proj = nn.Parameter(torch.empty(count, h, inter))
+        self.gate_up_proj = nn.Parameter(torch.empty(self.count, 2 * inter, h))
+        self.down_proj = nn.Parameter(torch.empty(self.count, h, inter))
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
                 lora: dict[str, ExpertLora] | None = None) -> torch.Tensor:
@@ -185,17 +224,27 @@ class RoutedExperts(nn.Module):
         if self._grouped_ok(x, lora):
             return self._grouped(x, topk_ids, topk_w, lora)
         if not torch.is_grad_enabled() and not lora:
-            if topk_ids.numel() <= 16 and self.count == self.n_total:
+            if topk_ids.numel() <= 16 and self.count == self.n_total and self._table is None:
                 return self._gathered(x, topk_ids, topk_w)
             return self._padded(x, topk_ids, topk_w)
         return self._loop(x, topk_ids, topk_w, lora)
+
+    def _local(self, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat local expert index of each (token, slot) pair, and whether this module holds it."""
+        # topk_ids: [N, k] global ids (-1: nobody's) -> local, held: [N * k]
+        if self._table is None:
+            local = topk_ids.flatten() - self.first
+        else:
+            if self._table.device != topk_ids.device:
+                self._table = self._table.to(topk_ids.device)
+            local = self._table[topk_ids.flatten()]
+        return local, (local >= 0) & (local < self.count)
 
     def _padded(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """Many tokens without autograd (CPU inference): rows sorted by expert into an [E, max_rows, H] buffer,
         two batched products for all experts at once. A dozen ops instead of a few per expert."""
         k = topk_ids.shape[1]
-        local = topk_ids.flatten() - self.first
-        held = (local >= 0) & (local < self.count)
+        local, held = self._local(topk_ids)
         pick = held.nonzero().squeeze(1)
         if pick.numel() == 0:
             return torch.zeros_like(x)
@@ -216,11 +265,12 @@ class RoutedExperts(nn.Module):
         """A few tokens (CPU decode): gather the chosen experts' weights and run two batched products, instead of
         a dozen small per-expert calls. Copies k expert matrices per token, so only for tiny batches."""
         N, k = topk_ids.shape
-        ids = topk_ids.flatten()
+        ids = topk_ids.flatten().clamp(min=0)                                           # id -1: weight 0 below
         xs = x.repeat_interleave(k, dim=0)[:, :, None]                                  # [N*k, H, 1]
         act = fused.swiglu(torch.bmm(self.gate_up_proj[ids], xs).squeeze(-1))               # [N*k, I]
         y = torch.bmm(self.down_proj[ids], act[:, :, None]).squeeze(-1)                # [N*k, H]
-        return (y.view(N, k, -1) * topk_w.to(x.dtype)[..., None]).sum(1)
+        w = torch.where(topk_ids >= 0, topk_w, 0).to(x.dtype)
+        return (y.view(N, k, -1) * w[..., None]).sum(1)
 
     def _grouped_ok(self, x: torch.Tensor, lora: dict[str, ExpertLora] | None = None) -> bool:
         """Grouped GEMM: CUDA bf16 (static shapes, no host sync: CUDA-graph safe), or the CPU when training or with
@@ -238,8 +288,7 @@ class RoutedExperts(nn.Module):
     def _grouped(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
                  lora: dict[str, ExpertLora] | None = None) -> torch.Tensor:
         k = topk_ids.shape[1]
-        local = topk_ids.flatten() - self.first                               # [N*k]
-        held = (local >= 0) & (local < self.count)
+        local, held = self._local(topk_ids)                                   # [N*k]
         key = torch.where(held, local, self.count)                            # experts held elsewhere sort last
         order = key.argsort(stable=True)
         counts = torch.zeros(self.count + 1, dtype=torch.int32, device=x.device)
@@ -276,8 +325,7 @@ class RoutedExperts(nn.Module):
     def _loop(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
               lora: dict[str, ExpertLora] | None = None) -> torch.Tensor:
         out = torch.zeros_like(x)
-        local = topk_ids.flatten() - self.first
-        held = (local >= 0) & (local < self.count)
+        local, held = self._local(topk_ids)
         if not bool(held.any()):
             return out
         pick = held.nonzero().squeeze(1)                                  # indices into the [N * k] assignments
@@ -309,24 +357,30 @@ class RoutedExperts(nn.Module):
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, experts: RoutedExperts | None = None) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.n_experts = layer, cfg.n_routed_experts
         self.gate = Gate(cfg)
         self.experts = experts if experts is not None else RoutedExperts(cfg)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
         self.dispatch: ExpertDispatch | None = None   # set by expert-parallel code; None = the local experts
-        self.last_topk_ids: torch.Tensor | None = None  # kept only when record_routing is on (load statistics)
-        self.record_routing = False
+        # tokens routed to each expert [E], summed on the model's device without a host sync (load statistics);
+        # None: not counted
+        self.expert_load: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, hidden] -> [N, hidden]
         topk_ids, topk_w, _ = self.gate(x)
-        if self.record_routing:
-            self.last_topk_ids = topk_ids
-        if self.dispatch is not None:
-            out = self.dispatch(self.layer, x, topk_ids, topk_w)
-        else:
+        if self.expert_load is not None:
+            self.expert_load.index_add_(0, topk_ids.flatten(), torch.ones_like(topk_ids.flatten()))
+        if self.dispatch is None:
             out = self.experts(x, topk_ids, topk_w)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+            return out if self.shared_experts is None else out + self.shared_experts(x)
+        pending = self.dispatch.send(self.layer, x, topk_ids, topk_w)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None   # while the experts work
+        out = self.dispatch.wait(pending)
+        return out if shared is None else out + shared
+
+    def count_load(self, on: bool = True) -> None:
+        """Start (zeroed) or stop counting tokens per routed expert into `expert_load`."""
+        dev = next(self.parameters()).device
+        self.expert_load = torch.zeros(self.n_experts, dtype=torch.long, device=dev) if on else None

@@ -1,0 +1,50 @@
+"""Expert-parallel fixtures: the fp32 tiny checkpoint, its single-process reference, and engine/config builders."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raymoe.platform.config import EngineConfig, ParallelConfig
+from raymoe.platform.engine import LLMEngine
+from raymoe.platform.model import from_pretrained
+
+# small logical resources: the session's Ray has 8 logical CPUs on a 2-core machine
+SMALL = dict(cpus_per_shard=0.25, router_cpus=0.25)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread in the router (the test process), as in each shard: 2 cores shared by many."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def ep_ckpt(tiny_ckpt_fp32):
+    return tiny_ckpt_fp32
+
+
+@pytest.fixture(scope="session")
+def ref_model(ep_ckpt):
+    return from_pretrained(ep_ckpt, dtype=torch.float32)
+
+
+def engine_config(path, num_shards: int = 0, transport: str = "local", **parallel) -> EngineConfig:
+    return EngineConfig(model=str(path), num_blocks=256, block_size=4, enforce_eager=True,
+                        parallel=ParallelConfig(num_shards=num_shards, transport=transport, **{**SMALL, **parallel}))
+
+
+@pytest.fixture(scope="session")
+def ep_prompts():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (1, 7, 19)]
+
+
+@pytest.fixture(scope="session")
+def reference_tokens(ep_ckpt, ref_model, ep_prompts):
+    from raymoe.platform.config import SamplingParams
+    eng = LLMEngine(engine_config(ep_ckpt), model=ref_model)
+    out = eng.generate(ep_prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    return [o["outputs"][0]["token_ids"] for o in out]
