@@ -28,3 +28,4 @@ class ParallelConfig(BaseModel):
     router_gpus: float = Field(0.0, ge=0)
     # a step whose shard fails waits this long for it to come back (Ray restarts it) before its requests fail
     step_deadline_s: float = Field(60.0, gt=0)
+    shard_start_timeout_s: float = Field(300.0, gt=0)   # new shards must have loaded by then (start, re-plan)

@@ -47,7 +47,7 @@ class _Pending:
     layer: int
     x: torch.Tensor
     parts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # shard, rows, x, ids, w
-    handles: list = field(default_factory=list)
+    handles: list | None = field(default_factory=list)     # None: to be sent (again)
 
 
 class ShardedDispatch(ExpertDispatch):
@@ -74,7 +74,11 @@ class ShardedDispatch(ExpertDispatch):
             w = torch.where(mine, topk_w, 0)[rows]
             parts.append((s, rows, hidden[rows], ids, w))
         p = _Pending(layer, hidden, parts)
-        p.handles = self._send_all(shards, p)
+        try:
+            p.handles = self._send_all(shards, p)
+        except ShardFailure as e:                   # the data plane is down: wait() recovers and sends again
+            log.warning("layer %d: %s", layer, e)
+            p.handles = None
         return p
 
     def _send_all(self, shards, p: _Pending) -> list:
@@ -85,17 +89,18 @@ class ShardedDispatch(ExpertDispatch):
         deadline = time.monotonic() + self.ep.cfg.step_deadline_s
         while True:
             try:
+                if p.handles is None:
+                    p.handles = self._send_all(shards, p)
                 ys = [shards.wait(h) for h in p.handles]
                 break
             except ShardFailure as e:
-                log.warning("layer %d: %s; waiting for the shards (deadline %.0f s)", p.layer, e,
+                p.handles = None
+                if time.monotonic() >= deadline:
+                    raise ExpertsUnavailable(f"layer {p.layer}: {e} (step deadline "
+                                             f"{self.ep.cfg.step_deadline_s:g} s)") from e
+                log.warning("layer %d: %s; waiting for the shards (deadline %g s)", p.layer, e,
                             self.ep.cfg.step_deadline_s)
-                try:
-                    shards.recover(deadline)
-                    p.handles = self._send_all(shards, p)
-                except ShardFailure as again:
-                    if time.monotonic() >= deadline:
-                        raise ExpertsUnavailable(f"layer {p.layer}: {again}") from again
+                shards.recover(deadline)            # raises ExpertsUnavailable past the deadline
         out = torch.zeros(p.x.shape, dtype=torch.float32, device=p.x.device)
         for (_s, rows, *_), y in zip(p.parts, ys):
             out.index_add_(0, rows, y.float())

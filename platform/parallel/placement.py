@@ -2,7 +2,8 @@
 
 `replica_bundles` is what a Ray Serve deployment passes as `placement_group_bundles`; `ReplicaPlacement` tells each
 shard actor which bundle to start in: the group it is given (a Serve replica's, the Router actor's) or one it
-creates for the shards alone. Shards beyond the group's bundles (after a re-plan to more shards) start outside it.
+creates for the shards alone. A shard takes a free shard bundle; when none is free (a re-plan to more shards, or
+new shards starting while the old plan's still serve) it starts outside the group.
 """
 from __future__ import annotations
 
@@ -39,17 +40,25 @@ class ReplicaPlacement:
             ray.get(self.group.ready(), timeout=120)
             self.first, self.owned = 0, True
         self.bundles = len(self.group.bundle_specs)
+        self.free = set(range(self.first, self.bundles))     # shard bundles no running shard holds
 
-    def strategy_for(self, shard: int) -> dict:
-        """Actor options placing shard `shard` in its bundle (or outside the group past its bundles)."""
+    def acquire(self) -> tuple[dict, int | None]:
+        """Actor options for a new shard: a free shard bundle of the group, or outside the group when every one is
+        taken (a re-plan to more shards, or while the old plan's shards still hold theirs). -> (options, bundle)"""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-        index = self.first + shard
-        if index >= self.bundles:
-            log.info("shard %d has no bundle in the replica's placement group (%d bundles): placed outside it",
-                     shard, self.bundles)
-            return {"scheduling_strategy": "DEFAULT"}
+        if not self.free:
+            log.info("no free shard bundle in the replica's placement group (%d bundles): a shard starts outside it",
+                     self.bundles)
+            return {"scheduling_strategy": "DEFAULT"}, None
+        index = min(self.free)
+        self.free.discard(index)
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-            self.group, placement_group_bundle_index=index, placement_group_capture_child_tasks=False)}
+            self.group, placement_group_bundle_index=index, placement_group_capture_child_tasks=False)}, index
+
+    def release(self, bundle: int | None) -> None:
+        """The shard in `bundle` was stopped: the bundle takes the next new shard."""
+        if bundle is not None:
+            self.free.add(bundle)
 
     def close(self) -> None:
         if self.owned:

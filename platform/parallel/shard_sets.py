@@ -71,20 +71,29 @@ class RayShards:
         import ray
         self.plan, self.cfg = plan, cfg
         self.shard_device = "cuda" if cfg.gpus_per_shard > 0 else "cpu"
-        old = {_key(s): a for s, a in zip(reuse.plan.shards, reuse.actors)} if reuse else {}
-        self.actors = []
-        for i, s in enumerate(plan.shards):
-            actor = old.get(_key(s))
+        self.placement = placement
+        old = ({_key(s): (a, b) for s, a, b in zip(reuse.plan.shards, reuse.actors, reuse.bundles)}
+               if reuse else {})
+        self.actors, self.bundles = [], []
+        for s in plan.shards:
+            actor, bundle = old.get(_key(s), (None, None))
             if actor is None:
                 opts = dict(num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard, max_restarts=-1,
                             max_task_retries=0, max_concurrency=4)
                 if placement is not None:
-                    opts.update(placement.strategy_for(i))
+                    extra, bundle = placement.acquire()
+                    opts.update(extra)
                 threads = max(1, int(cfg.cpus_per_shard)) if self.shard_device == "cpu" else None
                 actor = ray.remote(ExpertShard).options(**opts).remote(path, s.experts, dtype, self.shard_device,
                                                                         threads)
             self.actors.append(actor)
-        ray.get([a.ping.remote() for a in self.actors])        # loaded (raises if a shard cannot load)
+            self.bundles.append(bundle)
+        try:                                                       # loaded (raises if a shard cannot load)
+            ray.get([a.ping.remote() for a in self.actors], timeout=cfg.shard_start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.close(keep=reuse)
+            raise RuntimeError(f"expert shards did not start within {cfg.shard_start_timeout_s:g} s (not enough "
+                               f"free resources for {len(self.actors)} shards?)") from None
 
     def send(self, shard: int, layer: int, x, ids, w):
         return shard, self.actors[shard].compute.remote(layer, x.cpu(), ids.cpu(), w.cpu()), x.device
@@ -119,9 +128,11 @@ class RayShards:
     def close(self, keep: "RayShards | None" = None) -> None:
         import ray
         kept = {id(a) for a in keep.actors} if keep else set()
-        for a in self.actors:
+        for a, bundle in zip(self.actors, self.bundles):
             if id(a) not in kept:
                 ray.kill(a, no_restart=True)
+                if self.placement is not None:
+                    self.placement.release(bundle)
 
     def keys_read(self) -> list[list[str]]:
         import ray
@@ -155,22 +166,22 @@ class CollectiveShards(RayShards):
                                 timeout=timedelta(seconds=self.cfg.step_deadline_s))
         self.active = True
 
-    def deactivate(self) -> None:
+    def deactivate(self, wait_s: float | None = None) -> None:
+        """Stop every live shard's loop (a stop header each; a dead one's send fails) and leave the group."""
         import ray
         import torch.distributed as dist
         if not self.active:
             return
         self.active = False
-        try:
-            stop = torch.tensor([OP_STOP, 0, 0, 0], dtype=torch.long)
-            for i in range(len(self.actors)):
+        stop = torch.tensor([OP_STOP, 0, 0, 0], dtype=torch.long)
+        for i in range(len(self.actors)):
+            try:
                 dist.send(stop, dst=i + 1)
-        except RuntimeError as e:                      # a shard already gone: the others see the group close
-            log.info("stopping the collective loops: %s", str(e).splitlines()[0])
-        finally:
-            dist.destroy_process_group()
+            except RuntimeError as e:                  # that shard is gone: its loop is gone too
+                log.info("stopping shard %d's collective loop: %s", i, str(e).splitlines()[0])
+        dist.destroy_process_group()
         try:
-            ray.get(self.loops, timeout=self.cfg.step_deadline_s)
+            ray.get(self.loops, timeout=self.cfg.step_deadline_s if wait_s is None else wait_s)
         except Exception as e:                         # noqa: BLE001 - a dead shard's loop; recover() handles it
             log.info("collective loops ended with: %s", str(e).splitlines()[0])
 
@@ -200,18 +211,10 @@ class CollectiveShards(RayShards):
         return y.to(dev, non_blocking=True)
 
     def recover(self, deadline: float) -> None:
-        """Tear the group down, wait for every shard to answer (a dead one restarts), form a new group."""
-        import torch.distributed as dist
-        if self.active:
-            self.active = False
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        """Tear the group down (the live shards' loops stop), wait for every shard to answer (a dead one restarts),
+        form a new group."""
+        self.deactivate(wait_s=max(0.1, deadline - time.monotonic()))
         super().recover(deadline)
-        import ray
-        try:
-            ray.get(self.loops, timeout=max(0.1, deadline - time.monotonic()))   # the old loops have ended
-        except Exception:                                                          # noqa: BLE001
-            pass
         self.activate()
 
     def close(self, keep: "RayShards | None" = None) -> None:

@@ -4,12 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raymoe.platform.config import EngineConfig, ParallelConfig
+from ep_helpers import engine_config
 from raymoe.platform.engine import LLMEngine
 from raymoe.platform.model import from_pretrained
-
-# small logical resources: the session's Ray has 8 logical CPUs on a 2-core machine
-SMALL = dict(cpus_per_shard=0.25, router_cpus=0.25)
 
 
 @pytest.fixture(autouse=True)
@@ -29,11 +26,6 @@ def ep_ckpt(tiny_ckpt_fp32):
 @pytest.fixture(scope="session")
 def ref_model(ep_ckpt):
     return from_pretrained(ep_ckpt, dtype=torch.float32)
-
-
-def engine_config(path, num_shards: int = 0, transport: str = "local", **parallel) -> EngineConfig:
-    return EngineConfig(model=str(path), num_blocks=256, block_size=4, enforce_eager=True,
-                        parallel=ParallelConfig(num_shards=num_shards, transport=transport, **{**SMALL, **parallel}))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import engine_config
+from ep_helpers import engine_config
 from raymoe.platform.checkpoint.keymap import parse_expert_key
 from raymoe.platform.config import SamplingParams
 from raymoe.platform.engine import LLMEngine
