@@ -3,7 +3,7 @@
 transformers writes DeepseekV3ForCausalLM as one `model.safetensors` with per-expert keys (it splits its fused
 experts back on save), an fp32 gate and `e_score_correction_bias`, an untied `lm_head`, and no MTP layer although
 config.json keeps `num_nextn_predict_layers`. raymoe loads that without MTP (warned once) and matches transformers'
-logits.
+logits; `save_original_format=False` writes the fused experts, which load too, shard by shard.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def hf_saved(tmp_path_factory):
-    """(transformers model, its save_pretrained folder with raymoe's tiny tokenizer)."""
+    """(transformers model, its save_pretrained folder with raymoe's tiny tokenizer, the fused-experts folder)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
     torch.manual_seed(0)
     ref = DeepseekV3ForCausalLM(DeepseekV3Config(**DIMS)).float().eval()
@@ -42,20 +42,22 @@ def hf_saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_saved")
     ref.save_pretrained(root / "hf")
     write_tokenizer(root / "hf", vocab_size=DIMS["vocab_size"])
-    return ref, root / "hf"
+    ref.save_pretrained(root / "fused", save_original_format=False)
+    return ref, root / "hf", root / "fused"
 
 
 def test_save_pretrained_format(hf_saved):
-    _, path = hf_saved
+    _, path, fused = hf_saved
     r = SafetensorsReader(path)
     assert (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").exists()
     assert not any(k.startswith("model.layers.4.") for k in r.keys())  # the MTP layer is not written
     assert "model.layers.1.mlp.experts.15.gate_proj.weight" in r and "lm_head.weight" in r
     assert r.get("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+    assert "model.layers.1.mlp.experts.gate_up_proj" in SafetensorsReader(fused)
 
 
 def test_loads_without_mtp_and_matches_transformers(hf_saved, caplog):
-    ref, path = hf_saved
+    ref, path, _ = hf_saved
     with caplog.at_level(logging.WARNING, logger="raymoe.platform.checkpoint.loader"):
         ours = from_pretrained(path, dtype=torch.float32)
         from_pretrained(path, dtype=torch.float32)
@@ -76,8 +78,17 @@ def test_loads_without_mtp_and_matches_transformers(hf_saved, caplog):
     assert ids.tolist() == hf_ids.tolist()
 
 
+def test_fused_experts_load_shard_by_shard(hf_saved):
+    _, path, fused = hf_saved
+    full = from_pretrained(path, dtype=torch.float32)
+    shard = from_pretrained(fused, dtype=torch.float32, experts_range=(4, 12))
+    for name, p in shard.named_parameters():
+        want = dict(full.named_parameters())[name]
+        assert torch.equal(p, want[4:12] if ".mlp.experts." in name else want), name
+
+
 def test_some_mtp_tensors_is_still_an_error(hf_saved, tmp_path):
-    _, path = hf_saved
+    _, path, _ = hf_saved
     sd = load_file(path / "model.safetensors")
     sd["model.layers.4.enorm.weight"] = torch.ones(DIMS["hidden_size"])
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
@@ -87,7 +98,7 @@ def test_some_mtp_tensors_is_still_an_error(hf_saved, tmp_path):
 
 
 def test_generate_with_mtp_fails_in_one_line(hf_saved):
-    _, path = hf_saved
+    _, path, _ = hf_saved
     raymoe = Path(sys.executable).parent / "raymoe"
     p = subprocess.run([str(raymoe), "generate", "--model", str(path), "--prompt", "hi", "--mtp", "1"],
                        capture_output=True, text=True, timeout=120)

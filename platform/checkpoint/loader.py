@@ -3,8 +3,9 @@
 Builds the model on the meta device, allocates it on the target device and dtype, and fills every parameter from
 the checkpoint: FP8 weights are dequantised block-wise, per-expert tensors are stacked, MTP layer tensors are
 mapped, and only the routed experts of `experts_range` are read (an expert-parallel shard never touches the bytes
-of other experts). A checkpoint with no MTP tensors at all (transformers' `save_pretrained`) loads without MTP;
-anything else missing or mis-shaped raises `CheckpointError` naming the tensor.
+of other experts). Routed experts may be stored per expert (the release) or fused (transformers'
+`save_original_format=False`). A checkpoint with no MTP tensors at all (transformers' `save_pretrained`) loads
+without MTP; anything else missing or mis-shaped raises `CheckpointError` naming the tensor.
 """
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
             prefix, which = ex
             prefix = hf_name(prefix, n)
             first = model.experts_range[0]
+            if _read_fused_experts(reader, f"{prefix}.{which}", param, first, cfg.n_routed_experts):
+                consumed.add(f"{prefix}.{which}")
+                continue
             for local in range(param.shape[0]):
                 keys = expert_keys(prefix, first + local, which)
                 if which == "gate_up_proj":
@@ -104,6 +108,22 @@ def _without_absent_mtp(reader: SafetensorsReader, cfg: ModelConfig) -> ModelCon
                     "model.layers.%d.*); loading without MTP, so MTP speculation is unavailable",
                     reader.root, cfg.num_nextn_predict_layers, n)
     return cfg.model_copy(update={"num_nextn_predict_layers": 0})
+
+
+def _read_fused_experts(reader: SafetensorsReader, key: str, param: torch.Tensor, first: int, total: int) -> bool:
+    """Fill stacked `param` [E_local, ...] from a fused `...mlp.experts.{gate_up_proj,down_proj}` [E, ...] tensor
+    (what `save_pretrained(save_original_format=False)` writes), reading only experts first..first+E_local-1.
+    False if the checkpoint does not hold `key` (the per-expert layout)."""
+    if key not in reader:
+        return False
+    shape = reader.shape(key)
+    if shape != (total, *param.shape[1:]):
+        raise CheckpointError(f"{reader.root}: tensor {key!r} has shape {shape}, expected {(total, *param.shape[1:])}")
+    rows = reader.get_rows(key, first, first + param.shape[0])
+    if rows.dtype == torch.float8_e4m3fn:
+        raise CheckpointError(f"{reader.root}: tensor {key!r}: FP8 fused experts are not supported")
+    param.copy_(rows.to(param.dtype))
+    return True
 
 
 def _check_leftovers(reader: SafetensorsReader, consumed: set[str], cfg: ModelConfig) -> None:
