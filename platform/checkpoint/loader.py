@@ -3,7 +3,9 @@
 Builds the model on the meta device, allocates it on the target device and dtype, and fills every parameter from
 the checkpoint: FP8 weights are dequantised block-wise, per-expert tensors are stacked, MTP layer tensors are
 mapped, and only the routed experts of `experts_range` are read (an expert-parallel shard never touches the bytes
-of other experts). Anything missing or mis-shaped raises `CheckpointError` naming the tensor.
+of other experts). Routed experts may be stored per expert (the release) or fused (transformers'
+`save_original_format=False`). A checkpoint with no MTP tensors at all (transformers' `save_pretrained`) loads
+without MTP; anything else missing or mis-shaped raises `CheckpointError` naming the tensor.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from raymoe.platform.config import ModelConfig
 from raymoe.platform.model.decoder import DeepseekV3ForCausalLM
 
 log = logging.getLogger(__name__)
+_WARNED_NO_MTP: set[Path] = set()  # checkpoints already warned about in this process
 
 
 def _read(reader: SafetensorsReader, key: str, shape: tuple[int, ...], dtype: torch.dtype,
@@ -50,6 +53,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         if not 0 <= a <= b <= cfg.n_routed_experts:   # a == b: no routed experts (an expert-parallel router)
             raise ValueError(f"experts_range {experts_range} is outside 0..{cfg.n_routed_experts}")
     reader = SafetensorsReader(path)
+    cfg = _without_absent_mtp(reader, cfg)
     block = tuple(cfg.quantization_config.weight_block_size) if cfg.quantization_config else (128, 128)
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(cfg, experts_range)
@@ -70,6 +74,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
             prefix, which = ex
             prefix = hf_name(prefix, n)
             first = model.experts_range[0]
+            if _read_fused_experts(reader, f"{prefix}.{which}", param, first, cfg.n_routed_experts):
+                consumed.add(f"{prefix}.{which}")
+                continue
             for local in range(param.shape[0]):
                 keys = expert_keys(prefix, first + local, which)
                 if which == "gate_up_proj":
@@ -83,6 +90,41 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     reader.close()
     model.eval()
     return model
+
+
+def _without_absent_mtp(reader: SafetensorsReader, cfg: ModelConfig) -> ModelConfig:
+    """`cfg` without MTP modules if the checkpoint holds no tensor of any layer >= num_hidden_layers.
+
+    transformers' `save_pretrained` writes DeepSeek-V3 without its MTP layer yet keeps num_nextn_predict_layers in
+    config.json. Such a checkpoint loads without MTP (warned once per process per path). A checkpoint with some MTP
+    tensors is loaded as declared, so a missing one still raises naming it.
+    """
+    n = cfg.num_hidden_layers
+    if cfg.num_nextn_predict_layers == 0 or any((layer_of(k) or 0) >= n for k in reader.keys()):
+        return cfg
+    root = reader.root.resolve()
+    if root not in _WARNED_NO_MTP:
+        _WARNED_NO_MTP.add(root)
+        log.warning("%s: config.json declares %d MTP layer(s) but the checkpoint has no MTP weights (no "
+                    "model.layers.%d.*); loading without MTP, so MTP speculation is unavailable",
+                    reader.root, cfg.num_nextn_predict_layers, n)
+    return cfg.model_copy(update={"num_nextn_predict_layers": 0})
+
+
+def _read_fused_experts(reader: SafetensorsReader, key: str, param: torch.Tensor, first: int, total: int) -> bool:
+    """Fill stacked `param` [E_local, ...] from a fused `...mlp.experts.{gate_up_proj,down_proj}` [E, ...] tensor
+    (what `save_pretrained(save_original_format=False)` writes), reading only experts first..first+E_local-1.
+    False if the checkpoint does not hold `key` (the per-expert layout)."""
+    if key not in reader:
+        return False
+    shape = reader.shape(key)
+    if shape != (total, *param.shape[1:]):
+        raise CheckpointError(f"{reader.root}: tensor {key!r} has shape {shape}, expected {(total, *param.shape[1:])}")
+    rows = reader.get_rows(key, first, first + param.shape[0])
+    if rows.dtype == torch.float8_e4m3fn:
+        raise CheckpointError(f"{reader.root}: tensor {key!r}: FP8 fused experts are not supported")
+    param.copy_(rows.to(param.dtype))
+    return True
 
 
 def _check_leftovers(reader: SafetensorsReader, consumed: set[str], cfg: ModelConfig) -> None:

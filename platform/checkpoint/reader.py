@@ -64,6 +64,16 @@ class SafetensorsReader:
         self.bytes_read += t.numel() * t.element_size()
         return t
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of dimension 0 of `key`, reading only their bytes (one shard's experts of a fused
+        tensor)."""
+        fname = self._files.get(key)
+        if fname is None:
+            raise CheckpointError(f"{self.root}: tensor {key!r} is missing from the checkpoint")
+        t = self._handle(fname).get_slice(key)[start:stop]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
     def shape(self, key: str) -> tuple[int, ...]:
         fname = self._files.get(key)
         if fname is None:

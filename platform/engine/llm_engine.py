@@ -85,8 +85,9 @@ class LLMEngine:
                              f"{mcfg.max_position_embeddings}")
         self.num_spec = cfg.num_speculative_tokens
         if self.num_spec and not len(self.model.mtp):
-            raise ValueError("num_speculative_tokens > 0 needs a checkpoint with an MTP module "
-                             "(num_nextn_predict_layers >= 1)")
+            raise ValueError(f"num_speculative_tokens > 0 needs a checkpoint with an MTP module, but {cfg.model} has "
+                             "no MTP weights (num_nextn_predict_layers 0, or its MTP layer was not saved); run "
+                             "without speculation")
         dtype = next(self.model.parameters()).dtype
         per_block = ModelRunner.cache_bytes_per_block(self.model, cfg.block_size, self.num_spec > 0, dtype)
         num_blocks = cfg.num_blocks or max(1, int(cfg.kv_cache_memory_gb * 2 ** 30 // per_block))
