@@ -50,6 +50,7 @@ class LoraExpertDispatch(ExpertDispatch):
             raise TypeError(f"layer {moe.layer}: experts are {type(mod).__name__}, not PEFT-wrapped RoutedExperts")
         self.experts: RoutedExperts = mod
         self.inner: ExpertDispatch = moe.dispatch or LocalDispatch(mod)
+        self.remote = self.inner.remote
 
     def send(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, lora=None):
         # x: [N, H]; topk_ids/topk_w: [N, k] -> pending [N, H]

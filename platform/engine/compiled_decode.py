@@ -46,6 +46,7 @@ class _OpaqueDispatch(ExpertDispatch):
 
     def __init__(self, experts: RoutedExperts, inner: ExpertDispatch | None) -> None:
         self.experts, self.inner = experts, inner
+        self.remote = inner is not None and inner.remote
         self.handle = len(_EXPERTS)
         _EXPERTS[self.handle] = inner or (lambda _layer, x, i, w: experts(x, i, w))
 

@@ -33,7 +33,8 @@ class DecodeGraphs:
     @staticmethod
     def supported(model: DeepseekV3ForCausalLM) -> bool:
         p = next(model.parameters())
-        return p.is_cuda and p.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        return (p.is_cuda and p.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+                and not model.remote_experts())       # a remote expert call is never captured: steps run eager
 
     def can_run(self, tokens: list[list[int]]) -> bool:
         q = len(tokens[0])
@@ -47,6 +48,8 @@ class DecodeGraphs:
         return min(w, self.max_blocks)
 
     def _capture(self, mtp: bool, q: int, B: int, W: int):
+        if self.model.remote_experts():
+            raise RuntimeError("refusing to capture a CUDA graph over remote expert dispatches")
         init = uniform_inputs([[0] * q], [[self.scratch]], [0], self.bs, rows=B, width=W, pad_block=self.scratch)
         buf = {name: t.to(self.device) for name, t in zip(_INPUTS, init.tensors())}
         if mtp:

@@ -340,6 +340,15 @@ class LLMEngine:
         counts = torch.stack([m.expert_load for m in moes]).tolist() if moes else []
         return {m.layer: c for m, c in zip(moes, counts)}
 
+    def expert_balance(self):
+        """Max/mean load per MoE layer over experts and over shards (the active plan's; one shard without expert
+        parallelism), from expert_load(): a `BalanceReport` with a printable table()."""
+        from raymoe.platform.parallel.plan import PlacementPlan
+        loads = self.expert_load()
+        plan = (self.ep.plan if self.ep is not None else
+                PlacementPlan.contiguous(1, list(loads), self.model.config.n_routed_experts))
+        return plan.balance_report(loads)
+
     def close(self) -> None:
         """Stop the expert shards, if any (the engine is unusable afterwards)."""
         if self.ep is not None:

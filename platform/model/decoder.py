@@ -157,6 +157,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         # hidden: [N, H] -> [N, vocab]
         return self.lm_head(hidden)
 
+    def remote_experts(self) -> bool:
+        """Whether some MoE layer's dispatch leaves the process (then no CUDA graph may capture a step)."""
+        return any(m.dispatch is not None and m.dispatch.remote for m in self.moe_layers())
+
     def moe_layers(self) -> list[MoE]:
         layers = list(self.model.layers) + [m.block for m in self.mtp]
         return [l.mlp for l in layers if isinstance(l.mlp, MoE)]

@@ -51,6 +51,10 @@ class Router:
     async def expert_load(self) -> dict[int, list[int]]:
         return await asyncio.to_thread(self.engine.engine.expert_load)
 
+    async def expert_balance(self) -> dict:
+        """Max/mean load per layer over experts and over shards (a BalanceReport as a dict)."""
+        return (await asyncio.to_thread(self.engine.engine.expert_balance)).model_dump()
+
     def stats(self) -> dict:
         return self.engine.stats()
 

@@ -74,6 +74,10 @@ def generate(
     device: str = typer.Option("cpu"), dtype: Optional[str] = typer.Option(None),
     cpu_compile: bool = typer.Option(False, "--cpu-compile", help="torch.compile the CPU decode step (faster "
                                      "per token after tens of seconds of compilation)"),
+    ep: int = typer.Option(0, "--ep", help="expert shards (0: routed experts in this process)"),
+    transport: str = typer.Option("ray", help="expert-shard transport: local | ray | collective"),
+    plan: Optional[Path] = typer.Option(None, help="placement plan JSON (default: contiguous ranges)"),
+    balance: bool = typer.Option(False, "--balance", help="print the expert-load balance per layer to stderr"),
 ) -> None:
     """Generate a completion: the text alone on stdout, a one-line speed summary on stderr."""
     import time
@@ -81,14 +85,19 @@ def generate(
     from pydantic import ValidationError
 
     from raymoe.platform.checkpoint import CheckpointError
-    from raymoe.platform.config import ConfigError, EngineConfig, SamplingParams
+    from raymoe.platform.config import ConfigError, EngineConfig, ParallelConfig, SamplingParams
     from raymoe.platform.engine import LLMEngine, RequestError
 
+    engine = None
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        parallel = ParallelConfig(num_shards=ep, transport=transport, plan=str(plan) if plan else None,
+                                  cpus_per_shard=0.5, router_cpus=0.5)
+        if ep and transport != "local":
+            _start_ray()
         t0 = time.perf_counter()
         engine = LLMEngine(EngineConfig(model=str(model), device=device, dtype=dtype, num_speculative_tokens=mtp,
-                                        max_model_len=None, cpu_compile=cpu_compile))
+                                        max_model_len=None, cpu_compile=cpu_compile, parallel=parallel))
         if engine.tokenizer is None:
             fail(f"{model}: no tokenizer.json, cannot encode a text prompt")
         tok = engine.tokenizer
@@ -101,14 +110,29 @@ def generate(
     except ValidationError as e:
         err = e.errors()[0]
         fail(f"invalid {'.'.join(map(str, err['loc']))}: {str(err['msg']).removeprefix('Value error, ')}")
-    except (ConfigError, CheckpointError, RequestError, ValueError) as e:
+    except (ConfigError, CheckpointError, RequestError, ValueError, RuntimeError) as e:
+        if engine is not None:
+            engine.close()
         fail(str(e).splitlines()[0])
+    if balance:
+        typer.echo(engine.expert_balance().table(), err=True)
+    engine.close()
     typer.echo(out["text"])
     n = len(out["token_ids"])
     prop, acc = out.get("spec", (0, 0))
     spec = f", MTP acceptance {acc / prop:.0%} ({acc}/{prop})" if prop else ""
     typer.echo(f"{n} tokens in {t2 - t1:.2f}s ({n / max(t2 - t1, 1e-9):.1f} tokens/s; load {t1 - t0:.1f}s; "
                f"finish {out['finish_reason']}{spec})", err=True)
+
+
+def _start_ray() -> None:
+    """Join the Ray cluster RAY_ADDRESS names (or one running on this machine), else start a local one."""
+    import os
+
+    import ray
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR")
 
 
 @app.command()

@@ -84,3 +84,61 @@ def test_shards_read_only_their_experts(ray_cluster, ep_ckpt):
             assert all(len(v) == 3 for v in got.values())        # gate, up, down of each expert, once
     finally:
         eng.close()
+
+
+def test_expert_load_and_balance_report(ray_cluster, ep_ckpt, ep_prompts):
+    eng = LLMEngine(engine_config(ep_ckpt, 2, "local"))
+    try:
+        out = eng.generate(ep_prompts, GREEDY)
+        loads = eng.expert_load()
+        k = eng.model.config.num_experts_per_tok
+        computed = sum(len(p) for p in ep_prompts) + sum(len(o["outputs"][0]["token_ids"]) - 1 for o in out)
+        for layer in eng.ep.plan.layers:
+            if layer < eng.model.config.num_hidden_layers:       # every token computed passes every MoE layer
+                assert sum(loads[layer]) == computed * k
+        report = eng.expert_balance()
+        per_shard = eng.ep.plan.shard_load(loads)
+        for layer, bal in report.layers.items():
+            if sum(loads[layer]):
+                assert bal.shard_ratio == pytest.approx(max(per_shard[layer]) / (sum(per_shard[layer]) / 2))
+        assert "layer" in report.table()
+    finally:
+        eng.close()
+
+
+def test_remote_experts_are_never_graphed(ep_ckpt):
+    eng = LLMEngine(engine_config(ep_ckpt, 2, "local").model_copy(update={"enforce_eager": False}))
+    assert eng.model.remote_experts() and eng.runner.graphs is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_engine_with_remote_experts_runs_eager_and_matches(ep_ckpt):
+    from raymoe.platform.config import EngineConfig, ParallelConfig
+    from raymoe.platform.engine.cuda_graphs import DecodeGraphs
+    kw = dict(model=str(ep_ckpt), device="cuda", dtype="bfloat16", num_blocks=256, block_size=16)
+    ref = LLMEngine(EngineConfig(**kw))
+    sharded = LLMEngine(EngineConfig(**kw, parallel=ParallelConfig(num_shards=2, transport="local")))
+    assert ref.runner.graphs is not None and sharded.runner.graphs is None
+    with pytest.raises(RuntimeError, match="refusing to capture"):
+        DecodeGraphs(sharded.model, sharded.runner.caches, 16, [1], scratch_block=0, max_blocks=8)._capture(
+            False, 1, 1, 8)
+    prompts = [[5, 6, 7], [9] * 20]
+    a = ref.generate(prompts, GREEDY)
+    b = sharded.generate(prompts, GREEDY)
+    assert [o["outputs"][0]["token_ids"] for o in a] == [o["outputs"][0]["token_ids"] for o in b]
+
+
+def test_cli_generate_with_expert_shards(ep_ckpt):
+    import subprocess
+    import sys
+    from pathlib import Path
+    exe = Path(sys.executable).parent / "raymoe"
+    base = [str(exe), "generate", "--model", str(ep_ckpt), "--prompt", "Hello there", "--max-tokens", "8"]
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    sharded = subprocess.run(base + ["--ep", "2", "--transport", "local", "--balance"], capture_output=True,
+                             text=True, timeout=300)
+    assert plain.returncode == 0 and sharded.returncode == 0, sharded.stderr[-2000:]
+    assert plain.stdout == sharded.stdout and plain.stdout.strip()
+    assert "shard max/mean" in sharded.stderr
+    bad = subprocess.run(base + ["--ep", "2", "--transport", "pigeon"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: invalid transport")
