@@ -15,8 +15,24 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# header of one collective exchange: [op, layer, rows, k]
+# one collective exchange: a header [op, layer, rows, k], then x, ids and w packed as one byte buffer
 OP_COMPUTE, OP_STOP = 1, 0
+
+
+def pack(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [n, H], ids [n, k] long, w [n, k] fp32 -> one uint8 buffer (one message instead of three)."""
+    return torch.cat([t.contiguous().view(torch.uint8).flatten() for t in (x, ids, w.float())])
+
+
+def unpack(buf: torch.Tensor, n: int, h: int, k: int, dtype: torch.dtype):
+    """The inverse of `pack`."""
+    sizes = (n * h * torch.empty((), dtype=dtype).element_size(), n * k * 8, n * k * 4)
+    x, ids, w = buf.split(sizes)
+    return x.view(dtype).view(n, h), ids.view(torch.long).view(n, k), w.view(torch.float32).view(n, k)
+
+
+def packed_bytes(n: int, h: int, k: int, dtype: torch.dtype) -> int:
+    return n * h * torch.empty((), dtype=dtype).element_size() + n * k * 12
 
 
 class ExpertShard:
@@ -61,12 +77,9 @@ class ExpertShard:
                     if op == OP_STOP:
                         break
                     h = self.experts[layer].gate_up_proj.shape[2]
-                    x = torch.empty(n, h, dtype=self.dtype)
-                    ids = torch.empty(n, k, dtype=torch.long)
-                    w = torch.empty(n, k, dtype=torch.float32)
-                    for t in (x, ids, w):
-                        dist.recv(t, src=0)
-                    dist.send(self.compute(layer, x, ids, w).contiguous(), dst=0)
+                    buf = torch.empty(packed_bytes(n, h, k, self.dtype), dtype=torch.uint8)
+                    dist.recv(buf, src=0)
+                    dist.send(self.compute(layer, *unpack(buf, n, h, k, self.dtype)).contiguous(), dst=0)
                     served += 1
             except RuntimeError as e:                     # the router went away or re-forms the group
                 log.info("collective loop of rank %d ended: %s", rank, str(e).splitlines()[0])

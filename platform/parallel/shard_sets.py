@@ -18,7 +18,7 @@ import torch
 
 from raymoe.platform.config import ParallelConfig
 from raymoe.platform.parallel.plan import PlacementPlan
-from raymoe.platform.parallel.shard import OP_COMPUTE, OP_STOP, ExpertShard
+from raymoe.platform.parallel.shard import OP_COMPUTE, OP_STOP, ExpertShard, pack
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _free_port(host: str) -> int:
 
 class CollectiveShards(RayShards):
     """The shard actors of `RayShards`, with rows moving over a gloo group: router rank 0, shard i rank i + 1.
-    One exchange: header [op, layer, rows, k], then x, ids, w to the shard; its output back (CPU tensors)."""
+    One exchange: a header [op, layer, rows, k] and x, ids, w packed in one buffer to the shard; its output back."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
@@ -193,7 +193,7 @@ class CollectiveShards(RayShards):
         dev = x.device
         try:
             header = torch.tensor([OP_COMPUTE, layer, n, k], dtype=torch.long)
-            tensors = [header, x.cpu().contiguous(), ids.cpu().contiguous(), w.cpu().float().contiguous()]
+            tensors = [header, pack(x.cpu(), ids.cpu(), w.cpu())]
             works = [dist.isend(t, dst=shard + 1) for t in tensors]
             y = torch.empty(n, x.shape[1], dtype=x.dtype)
             works.append(dist.irecv(y, src=shard + 1))

@@ -1,0 +1,169 @@
+"""Expert-parallel decode overhead: the same model decoding with its routed experts in the engine's process and on
+1 / 2 / 4 expert shards through each transport (local objects, Ray actor calls, a gloo collective), and the time each
+adds per MoE layer per step; then one MoE-layer exchange through Ray compiled graphs (ray.dag, shared-memory
+channels) against a plain actor call, same shard, same rows.
+
+    python benchmarks/ep_decode.py                       # CPU, the tiny model (written to a temp dir)
+    python benchmarks/ep_decode.py --device cuda --full-width --shards 1 --transports ray --batch 1 32
+
+--full-width writes a random checkpoint with DeepSeek-V3's widths (hidden 7168, MLA 128 heads, expert width 2048,
+8 of 32 routed experts per token in 8 groups, 1 dense + 2 MoE layers; fewer experts than 256 only to keep the
+file small: the exchange moves rows, not experts). Every engine runs eager (a remote expert call is never captured
+in a CUDA graph), so the baseline is the eager in-process engine; on CUDA the graphed baseline is printed beside it.
+The router is this process; shards are Ray actors (fractional GPUs on one GPU with --device cuda).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+FULL_WIDTH = dict(vocab_size=16384, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                  num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=128, q_lora_rank=1536,
+                  kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=32,
+                  num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1, num_nextn_predict_layers=0,
+                  routed_scaling_factor=2.5)
+
+
+def write_model(full_width: bool) -> str:
+    from raymoe.platform.checkpoint import TinySpec, write_tiny_checkpoint
+    out = tempfile.mkdtemp(prefix="ep-bench-")
+    spec = TinySpec(seed=0, dtype="bfloat16" if full_width else "float32",
+                    overrides=FULL_WIDTH if full_width else {"num_nextn_predict_layers": 0})
+    write_tiny_checkpoint(out, spec)
+    return out
+
+
+def step_time(path: str, device: str, batch: int, steps: int, shards: int = 0, transport: str = "local",
+              graphs: bool = False) -> tuple[float, int]:
+    """Median decode step (s) of `batch` sequences, and the model's MoE layer count."""
+    from raymoe.platform.config import EngineConfig, ParallelConfig, SamplingParams
+    from raymoe.platform.engine import LLMEngine
+    gpu = device == "cuda"
+    par = ParallelConfig(num_shards=shards, transport=transport, cpus_per_shard=1.0, router_cpus=1.0,
+                         gpus_per_shard=0.5 if gpu else 0.0)
+    eng = LLMEngine(EngineConfig(model=path, device=device, dtype="bfloat16" if gpu else "float32", block_size=16,
+                                 num_blocks=batch * 8 + 8, enforce_eager=not graphs, cuda_graph_sizes=[1, 8, 32],
+                                 enable_prefix_caching=False, parallel=par))
+    try:
+        g = torch.Generator().manual_seed(batch)
+        params = SamplingParams(temperature=0, max_tokens=steps + 40, ignore_eos=True)
+        for i in range(batch):
+            eng.add_request(f"b{i}", torch.randint(3, 1000, (16,), generator=g).tolist(), params)
+        for _ in range(10):                        # prefill, then decode warm-up (graph capture)
+            eng.step()
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            eng.step()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times), len(eng.model.moe_layers())
+    finally:
+        eng.close()
+
+
+def exchange_times(path: str, batch: int, reps: int, gpu: bool) -> dict[str, float]:
+    """One MoE layer's exchange with one shard actor: a plain actor call against a compiled graph (ray.dag)."""
+    import ray
+    from ray.dag import InputNode
+
+    from raymoe.platform.config import ModelConfig
+    from raymoe.platform.parallel.shard import ExpertShard
+    cfg = ModelConfig.from_pretrained(path)
+    layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
+    dev = "cuda" if gpu else "cpu"
+    dtype = "bfloat16" if gpu else "float32"
+    experts = {layer: list(range(cfg.n_routed_experts))}
+    opts = dict(num_cpus=1, num_gpus=0.5 if gpu else 0)
+    x = torch.randn(batch, cfg.hidden_size, dtype=getattr(torch, dtype))
+    ids = torch.stack([torch.randperm(cfg.n_routed_experts)[:cfg.num_experts_per_tok] for _ in range(batch)])
+    w = torch.rand(batch, cfg.num_experts_per_tok)
+    out = {}
+    actor = ray.remote(ExpertShard).options(**opts).remote(path, experts, dtype, dev)
+    ray.get(actor.ping.remote())
+    for _ in range(5):
+        ray.get(actor.compute.remote(layer, x, ids, w))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        ray.get(actor.compute.remote(layer, x, ids, w))
+        ts.append(time.perf_counter() - t)
+    out["actor call"] = statistics.median(ts)
+    ray.kill(actor)
+    actor = ray.remote(ExpertShard).options(**opts).remote(path, experts, dtype, dev)
+    ray.get(actor.ping.remote())
+    try:
+        with InputNode() as inp:
+            dag = actor.compute.bind(inp[0], inp[1], inp[2], inp[3])
+        compiled = dag.experimental_compile()
+        for _ in range(5):
+            ray.get(compiled.execute(layer, x, ids, w))
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            ray.get(compiled.execute(layer, x, ids, w))
+            ts.append(time.perf_counter() - t)
+        out["compiled graph"] = statistics.median(ts)
+        compiled.teardown()
+    except Exception as e:                              # noqa: BLE001 - report why it could not run
+        print(f"compiled graph failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+    ray.kill(actor)
+    with torch.inference_mode():                        # the shard's compute alone, in this process
+        local = ExpertShard(path, experts, dtype, dev)
+        for _ in range(5):
+            local.compute(layer, x, ids, w)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            local.compute(layer, x, ids, w)
+            if gpu:
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        out["in-process compute"] = statistics.median(ts)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: write one)")
+    ap.add_argument("--full-width", action="store_true")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--transports", nargs="+", default=["local", "ray", "collective"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the router (CPU)")
+    a = ap.parse_args()
+    import ray
+    torch.set_num_threads(a.threads)
+    path = a.model or write_model(a.full_width)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             num_cpus=max(8, os.cpu_count() or 1), num_gpus=1 if a.device == "cuda" else 0)
+    gpu = a.device == "cuda"
+    print(f"model {path}  device {a.device}  torch {torch.__version__}  router threads {a.threads}")
+    print(f"{'batch':>5} {'engine':<22} {'step ms':>9} {'vs base':>8} {'added/MoE layer ms':>19}")
+    for batch in a.batch:
+        base, n_moe = step_time(path, a.device, batch, a.steps)
+        print(f"{batch:>5} {'in-process (eager)':<22} {base * 1e3:>9.2f} {1.0:>8.2f} {'':>19}")
+        if gpu:
+            graphed, _ = step_time(path, a.device, batch, a.steps, graphs=True)
+            print(f"{batch:>5} {'in-process (graphs)':<22} {graphed * 1e3:>9.2f} {graphed / base:>8.2f} {'':>19}")
+        for transport in a.transports:
+            for n in a.shards:
+                t, _ = step_time(path, a.device, batch, a.steps, n, transport)
+                print(f"{batch:>5} {f'{transport} x{n}':<22} {t * 1e3:>9.2f} {t / base:>8.2f} "
+                      f"{(t - base) / n_moe * 1e3:>19.3f}", flush=True)
+    print("\none MoE layer's exchange with one shard (median of 200)")
+    for batch in a.batch:
+        for name, t in exchange_times(path, batch, 200, gpu).items():
+            print(f"{batch:>5} {name:<22} {t * 1e3:>9.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
