@@ -40,32 +40,47 @@ def write_model(full_width: bool) -> str:
     return out
 
 
-def step_time(path: str, device: str, batch: int, steps: int, shards: int = 0, transport: str = "local",
-              graphs: bool = False) -> tuple[float, int]:
-    """Median decode step (s) of `batch` sequences, and the model's MoE layer count."""
-    from raymoe.platform.config import EngineConfig, ParallelConfig, SamplingParams
-    from raymoe.platform.engine import LLMEngine
-    gpu = device == "cuda"
-    par = ParallelConfig(num_shards=shards, transport=transport, cpus_per_shard=1.0, router_cpus=1.0,
-                         gpus_per_shard=0.5 if gpu else 0.0)
-    eng = LLMEngine(EngineConfig(model=path, device=device, dtype="bfloat16" if gpu else "float32", block_size=16,
-                                 num_blocks=batch * 8 + 8, enforce_eager=not graphs, cuda_graph_sizes=[1, 8, 32],
-                                 enable_prefix_caching=False, parallel=par))
-    try:
+class Decoder:
+    """An engine with `batch` sequences in their decode phase; `time(steps)` is the median step (s)."""
+
+    def __init__(self, path: str, device: str, batch: int, budget: int, shards: int = 0, transport: str = "local",
+                 graphs: bool = False) -> None:
+        from raymoe.platform.config import EngineConfig, ParallelConfig, SamplingParams
+        from raymoe.platform.engine import LLMEngine
+        gpu = device == "cuda"
+        par = ParallelConfig(num_shards=shards, transport=transport, cpus_per_shard=1.0, router_cpus=1.0,
+                             gpus_per_shard=0.5 if gpu else 0.0)
+        self.eng = LLMEngine(EngineConfig(
+            model=path, device=device, dtype="bfloat16" if gpu else "float32", block_size=16,
+            num_blocks=batch * (-(-(budget + 40) // 16)) + 8, enforce_eager=not graphs, cuda_graph_sizes=[1, 8, 32],
+            enable_prefix_caching=False, parallel=par))
         g = torch.Generator().manual_seed(batch)
-        params = SamplingParams(temperature=0, max_tokens=steps + 40, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=budget + 20, ignore_eos=True)
         for i in range(batch):
-            eng.add_request(f"b{i}", torch.randint(3, 1000, (16,), generator=g).tolist(), params)
+            self.eng.add_request(f"b{i}", torch.randint(3, 1000, (16,), generator=g).tolist(), params)
         for _ in range(10):                        # prefill, then decode warm-up (graph capture)
-            eng.step()
+            self.eng.step()
+        self.moe_layers = len(self.eng.model.moe_layers())
+
+    def time(self, steps: int) -> float:
         times = []
         for _ in range(steps):
             t = time.perf_counter()
-            eng.step()
+            self.eng.step()
             times.append(time.perf_counter() - t)
-        return statistics.median(times), len(eng.model.moe_layers())
-    finally:
-        eng.close()
+        return statistics.median(times)
+
+    def close(self) -> None:
+        self.eng.close()
+
+
+def ab(base: Decoder, other: Decoder, steps: int, rounds: int) -> tuple[float, float]:
+    """Median steps of two engines measured in alternating rounds (the same machine state for both)."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(base.time(steps))
+        b.append(other.time(steps))
+    return statistics.median(a), statistics.median(b)
 
 
 def exchange_times(path: str, batch: int, reps: int, gpu: bool) -> dict[str, float]:
@@ -147,18 +162,21 @@ def main() -> None:
              num_cpus=max(8, os.cpu_count() or 1), num_gpus=1 if a.device == "cuda" else 0)
     gpu = a.device == "cuda"
     print(f"model {path}  device {a.device}  torch {torch.__version__}  router threads {a.threads}")
-    print(f"{'batch':>5} {'engine':<22} {'step ms':>9} {'vs base':>8} {'added/MoE layer ms':>19}")
+    print("decode step: each engine against the eager in-process engine, alternating rounds of steps (same run)")
+    print(f"{'batch':>5} {'engine':<22} {'step ms':>9} {'base ms':>9} {'vs base':>8} {'added/MoE layer ms':>19}")
+    rounds = 5
+    budget = a.steps * rounds * 2 * (1 + len(a.transports) * len(a.shards) + gpu) + 20
     for batch in a.batch:
-        base, n_moe = step_time(path, a.device, batch, a.steps)
-        print(f"{batch:>5} {'in-process (eager)':<22} {base * 1e3:>9.2f} {1.0:>8.2f} {'':>19}")
-        if gpu:
-            graphed, _ = step_time(path, a.device, batch, a.steps, graphs=True)
-            print(f"{batch:>5} {'in-process (graphs)':<22} {graphed * 1e3:>9.2f} {graphed / base:>8.2f} {'':>19}")
-        for transport in a.transports:
-            for n in a.shards:
-                t, _ = step_time(path, a.device, batch, a.steps, n, transport)
-                print(f"{batch:>5} {f'{transport} x{n}':<22} {t * 1e3:>9.2f} {t / base:>8.2f} "
-                      f"{(t - base) / n_moe * 1e3:>19.3f}", flush=True)
+        base = Decoder(path, a.device, batch, budget)
+        others = [("in-process (graphs)", 0, "local", True)] if gpu else []
+        others += [(f"{t} x{n}", n, t, False) for t in a.transports for n in a.shards]
+        for name, n, transport, graphs in others:
+            dec = Decoder(path, a.device, batch, budget, n, transport, graphs)
+            t0, t = ab(base, dec, a.steps, rounds)
+            dec.close()
+            added = "" if graphs else f"{(t - t0) / base.moe_layers * 1e3:.3f}"
+            print(f"{batch:>5} {name:<22} {t * 1e3:>9.2f} {t0 * 1e3:>9.2f} {t / t0:>8.2f} {added:>19}", flush=True)
+        base.close()
     print("\none MoE layer's exchange with one shard (median of 200)")
     for batch in a.batch:
         for name, t in exchange_times(path, batch, 200, gpu).items():
