@@ -32,7 +32,7 @@ def qa_pairs() -> list[tuple[str, str]]:
     return [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def local_ray(ray_cluster):
     """The session's shared local Ray instance (tests/conftest.py)."""
     return ray_cluster
