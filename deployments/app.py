@@ -65,16 +65,17 @@ def app_config(args: dict[str, Any] | ServeAppConfig) -> ServeAppConfig:
 
 def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
     cfg = app_config(args)
+    env = {"runtime_env": cfg.runtime_env} if cfg.runtime_env else {}
     auto = cfg.autoscaling.model_dump(exclude_none=True)
     model = ModelServer.options(
         autoscaling_config=auto, max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **env},
     )
     metrics = MetricsCollector.bind(stale_after_s=max(5.0, 4 * cfg.metrics_interval_s))
     ingress = OpenAIIngress.options(
         num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=4 * (cfg.max_ongoing_requests * cfg.autoscaling.max_replicas + cfg.max_queued_requests),
-        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus, **env},
     )
     return ingress.bind(cfg, model.bind(cfg.engine_config(), metrics, cfg.metrics_interval_s), metrics)

@@ -26,7 +26,7 @@ class AutoscalingSettings(BaseModel):
     target_ongoing_requests: float = Field(16, gt=0)
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
-    metrics_interval_s: float = Field(10.0, gt=0)
+    metrics_interval_s: float | None = Field(None, gt=0)    # Serve's default (deprecated there; tests set it)
     look_back_period_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
@@ -55,6 +55,7 @@ class ServeAppConfig(BaseModel):
     max_request_bytes: int = Field(8 * 2 ** 20, ge=1024)   # larger bodies get 413
     default_max_tokens: int = Field(4096, ge=1)  # when a chat request gives none: min(this, the context left)
     metrics_interval_s: float = Field(1.0, gt=0)   # how often each replica reports engine gauges
+    runtime_env: dict[str, Any] = Field(default_factory=dict)   # Ray runtime_env of every replica (env_vars...)
 
     @model_validator(mode="after")
     def _check(self) -> "ServeAppConfig":

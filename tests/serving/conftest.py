@@ -71,3 +71,28 @@ def deploy(serve_http: str, name: str, prefix: str, args: dict) -> Served:
 def served(serve_http, tiny_ckpt_fp32) -> Served:
     return deploy(serve_http, "main", "/", app_args(tiny_ckpt_fp32, autoscaling=TEST_AUTOSCALING,
                                                       max_ongoing_requests=8, max_queued_requests=64))
+
+
+TIGHT_KEY = "sekrit-key"
+
+
+@pytest.fixture(scope="session")
+def tight(serve_http, tiny_ckpt_fp32) -> Served:
+    """A second app, for what needs another config: an API key, a 64 KiB body limit, and room for one request
+    running plus one queued (so a third gets 429)."""
+    return deploy(serve_http, "tight", "/tight", app_args(
+        tiny_ckpt_fp32, max_ongoing_requests=1, max_queued_requests=1, max_request_bytes=65536,
+        api_key_env="RAYMOE_TEST_KEY", runtime_env={"env_vars": {"RAYMOE_TEST_KEY": TIGHT_KEY}}))
+
+
+def assert_openai_error(r, status: int) -> dict:
+    """The response is `status` with an OpenAI-format error body and no stack trace or validator dump."""
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"], err
+    for leak in ("Traceback", "errors.pydantic.dev", 'File "', "input_value"):
+        assert leak not in err["message"], err
+    return err
