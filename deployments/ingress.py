@@ -95,6 +95,14 @@ def _sse(obj) -> str:
     return f"data: {obj}\n\n"
 
 
+def _cancel(gen) -> None:
+    """Cancel a handle call; one that never reached a replica re-raises its refusal here: nothing to cancel."""
+    try:
+        gen.cancel()
+    except Exception:                          # noqa: BLE001
+        pass
+
+
 def _json(body) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
@@ -228,7 +236,7 @@ class OpenAIIngress:
         except StopAsyncIteration:
             first = []
         except BaseException as e:
-            gen.cancel()
+            _cancel(gen)
             err = self._refusal(e)
             if err is None:
                 raise
@@ -277,7 +285,7 @@ class OpenAIIngress:
                     break
         finally:
             if len(done) < n:
-                gen.cancel()
+                _cancel(gen)
             m.count("vllm:prompt_tokens_total", prompt_len)
             m.count("vllm:generation_tokens_total", tokens)
             for d in done.values():
