@@ -34,7 +34,7 @@ class _Sampling(_Request):
     stop_token_ids: list[SInt] | None = Field(None, max_length=64)
     presence_penalty: SFloat | None = Field(None, ge=-2, le=2)
     frequency_penalty: SFloat | None = Field(None, ge=-2, le=2)
-    repetition_penalty: SFloat | None = Field(None, gt=0, le=10)
+    repetition_penalty: SFloat | None = Field(None, ge=0.01, le=10)   # tinier ones overflow the logits
     ignore_eos: SBool = False
     stream: SBool = False
     stream_options: StreamOptions | None = None

@@ -60,12 +60,16 @@ def check_context(prompt_len: int, max_tokens: int | None, limit: int, where: st
                        "max_tokens", "context_length_exceeded")
 
 
+SAMPLING_EPS = 1e-5      # as vLLM: a temperature below this is greedy (dividing logits by it would overflow)
+
+
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int,
                     logprobs: int | None) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
         return SamplingParams(
-            n=req.n, max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+            n=req.n, max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else 0.0 if req.temperature < SAMPLING_EPS else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=max(0, req.top_k or 0), min_p=req.min_p or 0.0,
             seed=req.seed, stop=stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
