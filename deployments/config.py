@@ -61,9 +61,12 @@ class ServeAppConfig(BaseModel):
     def _check(self) -> "ServeAppConfig":
         if "model" in self.engine:
             raise ValueError("engine.model: set the checkpoint with the top-level `model` key")
-        self.engine_config()                   # engine fields are checked now, not on a replica later
         if self.ep > 1 and "parallel" not in EngineConfig.model_fields:
             raise ValueError("ep > 1 needs the expert-parallel engine, which has not landed yet; use ep: 1")
+        try:
+            self.engine_config()               # engine fields are checked now, not on a replica later
+        except ValidationError as e:
+            raise ValueError(f"engine.{first_error(e)}") from None
         return self
 
     def engine_config(self) -> EngineConfig:
