@@ -10,6 +10,7 @@ mid-stream cancels the handle call, which aborts the request in the engine. It n
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -178,8 +179,9 @@ class OpenAIIngress:
             usage = req.stream_options is not None and req.stream_options.include_usage
             return StreamingResponse(self._chat_sse(stream, rid, req.n, usage), media_type="text/event-stream")
         out = translate.Outputs(req.n)
-        async for d in stream:
-            out.add(d)
+        async for batch in stream:
+            for d in batch:
+                out.add(d)
         return _json(ChatCompletion(id=rid, model=self.name, usage=out.usage(), choices=[
             ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
                        logprobs=translate.chat_logprobs(self.tt, c.logprobs) if req.logprobs else None)
@@ -202,8 +204,9 @@ class OpenAIIngress:
             return StreamingResponse(self._completion_sse(stream, rid, req, prefix, ids, usage),
                                      media_type="text/event-stream")
         out = translate.Outputs(req.n)
-        async for d in stream:
-            out.add(d)
+        async for batch in stream:
+            for d in batch:
+                out.add(d)
         return _json(Completion(id=rid, model=self.name, usage=out.usage(), choices=[
             CompletionChoice(index=i, text=prefix + c.text, finish_reason=c.finish_reason,
                              logprobs=None if req.logprobs is None else translate.completion_logprobs(
@@ -261,7 +264,8 @@ class OpenAIIngress:
         return APIError(500, f"generation failed ({type(e).__name__})")
 
     async def _deltas(self, gen, first: list, t0: float, prompt_len: int, n: int):
-        """Yield single Deltas; time them for /metrics; cancel the replica's stream if the caller leaves."""
+        """Yield the replica's batches of Deltas; time them for /metrics; cancel the replica's stream if the caller
+        leaves."""
         m, last, tokens, done = self.buffer, None, 0, {}
         try:
             batch = first
@@ -278,7 +282,8 @@ class OpenAIIngress:
                 for d in batch:
                     if d.finished:
                         done[d.index] = d
-                    yield d
+                if batch:
+                    yield batch
                 try:
                     batch = await gen.__anext__()
                 except StopAsyncIteration:
@@ -301,14 +306,25 @@ class OpenAIIngress:
 
         def chunk(choices) -> str:
             return _sse(ChatCompletionChunk(id=rid, model=self.name, choices=choices).model_dump_json(exclude=skip))
+        # the common chunk (text, no logprobs) is formatted from a template: pydantic per token costs ~10x more
+        head = chunk([ChunkChoice(index=0, delta=DeltaMessage(content="@@"))]).split('{"index":0')[0]
+        tail = ',"usage":null}\n\n' if include_usage else "}\n\n"
+
+        def fast(d) -> str:
+            fin = "null" if d.finish_reason is None else json.dumps(d.finish_reason)
+            return (f'{head}{{"index":{d.index},"delta":{{"role":null,"content":{json.dumps(d.text)}}},'
+                    f'"logprobs":null,"finish_reason":{fin}}}]{tail}')
         try:
             for i in range(n):
                 yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-            async for d in stream:
-                out.add(d)
-                yield chunk([ChunkChoice(index=d.index, delta=DeltaMessage(content=d.text),
-                                         logprobs=translate.chat_logprobs(self.tt, d.logprobs),
-                                         finish_reason=d.finish_reason)])
+            async for batch in stream:
+                parts = []
+                for d in batch:
+                    out.add(d)
+                    parts.append(fast(d) if not d.logprobs else chunk([ChunkChoice(
+                        index=d.index, delta=DeltaMessage(content=d.text),
+                        logprobs=translate.chat_logprobs(self.tt, d.logprobs), finish_reason=d.finish_reason)]))
+                yield "".join(parts)
             if include_usage:
                 yield _sse(ChatCompletionChunk(id=rid, model=self.name, choices=[], usage=out.usage())
                            .model_dump_json())
@@ -328,15 +344,25 @@ class OpenAIIngress:
             if req.logprobs is not None:
                 lp = translate.completion_logprobs(self.tt, lps, offsets[i], echo_ids)
                 offsets[i] += sum(len(t) for t in lp.tokens)
+            if lp is None:                     # the common chunk, from a template (as in _chat_sse)
+                fin = "null" if finish is None else json.dumps(finish)
+                return (f'{head}{{"index":{i},"text":{json.dumps(text)},"logprobs":null,"finish_reason":{fin}}}]'
+                        f'{tail}')
             return _sse(Completion(id=rid, model=self.name, choices=[CompletionChoice(
                 index=i, text=text, logprobs=lp, finish_reason=finish)]).model_dump_json(exclude=skip))
+        head = _sse(Completion(id=rid, model=self.name, choices=[CompletionChoice(
+            index=0, text="", finish_reason=None)]).model_dump_json(exclude=skip)).split('{"index":0')[0]
+        tail = ',"usage":null}\n\n' if include_usage else "}\n\n"
         try:
             if prefix or (req.echo and req.logprobs is not None):
                 for i in range(req.n):
                     yield chunk(i, prefix, [], ids, None)
-            async for d in stream:
-                out.add(d)
-                yield chunk(d.index, d.text, d.logprobs or [], None, d.finish_reason)
+            async for batch in stream:
+                parts = []
+                for d in batch:
+                    out.add(d)
+                    parts.append(chunk(d.index, d.text, d.logprobs or [], None, d.finish_reason))
+                yield "".join(parts)
             if include_usage:
                 yield _sse(Completion(id=rid, model=self.name, choices=[], usage=out.usage()).model_dump_json())
             yield "data: [DONE]\n\n"

@@ -64,7 +64,8 @@ class ModelServer:
 
     def stats(self) -> dict:
         s = self.engine.stats()
-        s["prefix_cache_queries"] = self.engine.engine.blocks.prefix_queries
+        # LLMEngine.stats() has the hits but not the lookups; read them where the block manager keeps them
+        s.setdefault("prefix_cache_queries", getattr(getattr(self.engine.engine, "blocks", None), "prefix_queries", 0))
         return s
 
     def check_health(self) -> None:
