@@ -19,9 +19,11 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-serve:
-	@echo "make serve: serving (Ray Serve + OpenAI-compatible HTTP on 127.0.0.1:8000/v1) has not landed yet." >&2
-	@exit 1
+# The OpenAI-compatible API on http://127.0.0.1:8000/v1 (the built-in tiny model unless ARGS says --model DIR);
+# starts a local Ray, stays up until Ctrl-C. More options: make serve ARGS="--port 8001 --api-key-env MY_KEY".
+ARGS ?=
+serve: $(STAMP)
+	RAY_AUTH_MODE=disabled $(VENV)/bin/raymoe serve $(ARGS)
 
 # pytest exits 5 when it collects no test: that is a pass with nothing to run, not a failure.
 test: $(STAMP)
