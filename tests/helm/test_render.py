@@ -104,6 +104,29 @@ def test_crd_check_is_strict(render, crd_schemas):
         jsonschema.Draft7Validator(crd_schemas["RayService"]).validate(rs)
 
 
+def test_kuberay_operator_rules(case):
+    """What the KubeRay operator checks beyond the CRD schema (ray-operator/controllers/ray/utils/validation.go):
+    DNS-1035 names of at most 47 characters (it appends 6 for the cluster), a TTL only with
+    shutdownAfterJobFinishes, a positive activeDeadlineSeconds when set, a known upgradeStrategy, and no group
+    `resources` field beside rayStartParams resources."""
+    import re
+    _, objs = case
+    for o in by_kind(objs, "RayService") + by_kind(objs, "RayJob"):
+        name = o["metadata"]["name"]
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 47, name
+        spec = o["spec"]
+        cluster = spec["rayClusterConfig"] if o["kind"] == "RayService" else spec["rayClusterSpec"]
+        for g in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
+            assert "resources" not in g and "labels" not in g.get("rayStartParams", {})
+            assert g["template"]["spec"]["containers"], "KubeRay needs the Ray container first"
+        if o["kind"] == "RayService":
+            assert spec["upgradeStrategy"]["type"] in ("NewCluster", "None")
+        else:
+            assert spec.get("ttlSecondsAfterFinished", 0) == 0 or spec["shutdownAfterJobFinishes"]
+            assert spec.get("activeDeadlineSeconds", 1) > 0 and spec["backoffLimit"] >= 0
+            assert spec["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
+
+
 def test_security(case):
     """Non-root pods, no privilege escalation, capabilities dropped, in every container of every Ray pod."""
     _, objs = case

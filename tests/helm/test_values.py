@@ -39,6 +39,10 @@ BAD = {
     "more GPUs than the group holds": ([], ["serve.autoscaling.maxReplicas=3"],
                                        "serve.autoscaling.maxReplicas (3) model replicas of 1 GPUs each do not fit "
                                        "gpuWorkers.maxReplicas (2) pods of gpuWorkers.gpus (1)"),
+    "release name KubeRay refuses": ([], ["fullnameOverride=7b-model"], '"7b-model" must start with a letter'),
+    "finetune name too long for KubeRay": ([], ["finetune.enabled=true", "fullnameOverride=a-rather-long-release-name-x",
+                                                 "finetune.name=quarterly-legal-review"],
+                                           "is longer than KubeRay's 47 characters"),
     "chart-owned job key": ([], ["finetune.job.output_dir=/tmp/x"], "at '/finetune/job'"),
 }
 

@@ -51,11 +51,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "raymoe.finetuneName" -}}
-{{- printf "%s-ft-%s" (include "raymoe.fullname" .) .Values.finetune.name | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-ft-%s" (include "raymoe.fullname" .) .Values.finetune.name }}
 {{- end }}
 
 {{/* Cross-field checks JSON Schema cannot express; each message names the keys at fault. */}}
 {{- define "raymoe.validate" -}}
+{{- $name := include "raymoe.fullname" . }}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) }}
+{{- fail (printf "values: the object name %q must start with a letter (KubeRay takes only DNS-1035 names): rename the release or set fullnameOverride" $name) }}
+{{- end }}
+{{- if and .Values.finetune.enabled (gt (len (include "raymoe.finetuneName" .)) 47) }}
+{{- fail (printf "values: the finetune RayJob name %q is longer than KubeRay's 47 characters: shorten finetune.name or the release name" (include "raymoe.finetuneName" .)) }}
+{{- end }}
 {{- $a := .Values.serve.autoscaling }}
 {{- if gt (int $a.minReplicas) (int $a.maxReplicas) }}
 {{- fail (printf "values: serve.autoscaling.minReplicas (%d) is greater than serve.autoscaling.maxReplicas (%d)" (int $a.minReplicas) (int $a.maxReplicas)) }}
