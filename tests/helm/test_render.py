@@ -299,3 +299,32 @@ def test_network_policy_and_ingress(render):
     assert ing["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}]
     [secret] = by_kind(objs, "Secret")
     assert secret["data"] == {"api-key": "c2stdGVzdA=="}
+
+
+@pytest.mark.parametrize("sets", [[], ["apiKey.enabled=true", "apiKey.existingSecret=k", "ingress.enabled=true",
+                                       "ingress.hosts[0]=llm.example.com"], ["finetune.enabled=true"]],
+                         ids=["defaults", "api-key+ingress", "finetune"])
+def test_notes(run_helm, tmp_path, sets):
+    """NOTES.txt renders (helm template never shows it, so it is rendered here through tpl in a copy of the chart)
+    and names the Service, the Secret and the finetune commands that exist."""
+    import shutil
+    chart = tmp_path / "raymoe"
+    shutil.copytree(CHART, chart)
+    shutil.copy(CHART / "templates" / "NOTES.txt", chart / "notes.txt")
+    (chart / "templates" / "notes-render.yaml").write_text('notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n')
+    out = run_helm("template", "rm", str(chart), "--namespace", "ml", "--show-only", "templates/notes-render.yaml",
+                   *[a for s in sets for a in ("--set", s)])
+    notes = yaml.safe_load(out)["notes"]
+    assert "kubectl -n ml port-forward svc/rm-raymoe-serve-svc 8000:8000" in notes
+    assert ("get secret k" in notes) == ("apiKey.enabled=true" in sets)
+    assert ("https://llm.example.com/v1" in notes) == ("ingress.enabled=true" in sets)
+    if "finetune.enabled=true" in sets:
+        assert "kubectl -n ml get rayjob rm-raymoe-ft-my-adapter -w" in notes
+    else:
+        assert "--show-only templates/finetune-rayjob.yaml" in notes
+
+
+def test_kube_version_floor(run_helm):
+    from .conftest import HelmError
+    with pytest.raises(HelmError, match="chart requires kubeVersion: >=1.28.0-0"):
+        run_helm("template", "rm", str(CHART), "--kube-version", "1.27.0")
