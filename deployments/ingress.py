@@ -252,8 +252,8 @@ class OpenAIIngress:
         if isinstance(e, BackPressureError):
             return APIError(429, "the server is at capacity and its queue is full; retry later", None,
                             "rate_limit_exceeded", retry)
-        if isinstance(e, RequestError):
-            msg = str(e).splitlines()[0]
+        if isinstance(e, RequestError):         # raised in the replica: Ray wraps it; its own text is the cause's
+            msg = str(getattr(e, "cause", None) or e).splitlines()[0]
             return APIError(400, msg, "max_tokens" if "max_tokens" in msg else None)
         if isinstance(e, (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError, RayActorError)):
             return APIError(503, "no model replica is available right now; retry later", None,
