@@ -47,7 +47,7 @@ def serve_forever(args: dict[str, Any], host: str = "127.0.0.1", port: int = 800
     own = address is None
     if own:
         # Serve's throughput-optimized mode (replicas take HTTP directly, gRPC between deployments, user code on the
-        # replica's own loop): 2.3x the HTTP tokens/s at 64 streams here (BENCHMARKS.md); the serving tests pass
+        # replica's own loop): 1.5-1.7x the HTTP tokens/s at 16-64 streams here (BENCHMARKS.md); the serving tests pass
         # in both modes. Only for a Ray we start: a joined cluster keeps its own settings.
         os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")   # Ctrl-C in 30 s otherwise

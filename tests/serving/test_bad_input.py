@@ -39,6 +39,7 @@ CASES = [
     ("max-tokens-negative", "POST", CHAT, chat(max_tokens=-5), 400, "max_tokens"),
     ("max-tokens-zero", "POST", CHAT, chat(max_tokens=0), 400, "max_tokens"),
     ("max-tokens-huge", "POST", CHAT, chat(max_tokens=10 ** 9), 400, "max_tokens"),
+    ("max-tokens-beyond-kv-cache", "POST", CHAT, chat(max_tokens=5000), 400, "max_tokens"),   # the engine refuses
     ("max-tokens-string", "POST", CHAT, chat(max_tokens="10"), 400, "max_tokens"),
     ("max-completion-tokens-negative", "POST", CHAT, chat(max_completion_tokens=-1), 400, "max_completion_tokens"),
     ("temperature-negative", "POST", CHAT, chat(temperature=-0.5), 400, "temperature"),
