@@ -24,7 +24,8 @@ CASES = {
     "everything": ([], ["finetune.enabled=true", "apiKey.enabled=true", "apiKey.value=sk-test", "networkPolicy.enabled=true",
                         "ingress.enabled=true", "ingress.className=nginx", "ingress.hosts[0]=llm.example.com",
                         "ingress.tls[0].secretName=llm-tls", "ingress.tls[0].hosts[0]=llm.example.com",
-                        "cpuWorkers.enabled=true", "finetune.activeDeadlineSeconds=7200", "model.servedName=my-model"],
+                        "cpuWorkers.enabled=true", "finetune.activeDeadlineSeconds=7200", "model.servedName=my-model",
+                        "serve.throughputOptimized=true"],
                    ['networkPolicy.serveFrom=[{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]']),
     "emptydir-object-store": ([], ["storage.type=emptyDir", "model.source=s3://weights/DeepSeek-V3",
                                    "model.sourceSecret=s3-creds", "apiKey.enabled=true",
@@ -294,6 +295,10 @@ def test_network_policy_and_ingress(render):
     serve_rule = np["spec"]["ingress"][1]
     assert serve_rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
     assert serve_rule["from"] == [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]
+    for where, tpl in pod_templates(rs):                            # serving pods only, every one of them
+        assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in tpl["spec"]["containers"][0]["env"], where
+    [job] = by_kind(objs, "RayJob")
+    assert all("env" not in tpl["spec"]["containers"][0] for _, tpl in pod_templates(job))
     backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": f"{rs['metadata']['name']}-serve-svc", "port": {"number": 8000}}
     assert ing["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}]

@@ -207,12 +207,16 @@ spec:
         - {name: serve, containerPort: {{ $v.serve.port }}}
         - {name: metrics, containerPort: 8080}
       {{- end }}
-      {{- if or (and $serve $v.apiKey.enabled) $g.env }}
+      {{- $tput := and $serve $v.serve.throughputOptimized }}
+      {{- if or (and $serve $v.apiKey.enabled) $tput $g.env }}
       env:
         {{- if and $serve $v.apiKey.enabled }}
         - name: RAYMOE_API_KEY
           valueFrom:
             secretKeyRef: {name: {{ include "raymoe.apiKeySecretName" $root }}, key: {{ $v.apiKey.secretKey }}}
+        {{- end }}
+        {{- if $tput }}
+        - {name: RAY_SERVE_THROUGHPUT_OPTIMIZED, value: "1"}
         {{- end }}
         {{- with $g.env }}
         {{- toYaml . | nindent 8 }}
