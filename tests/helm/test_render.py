@@ -29,7 +29,7 @@ CASES = {
                    ['networkPolicy.serveFrom=[{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]']),
     "emptydir-object-store": ([], ["storage.type=emptyDir", "model.source=s3://weights/DeepSeek-V3",
                                    "model.sourceSecret=s3-creds", "apiKey.enabled=true",
-                                   "apiKey.existingSecret=my-key", "serve.routePrefix=/llm/"], []),
+                                   "apiKey.existingSecret=my-key", "serve.routePrefix=/llm"], []),
 }
 RAY_KINDS = {"RayService", "RayJob"}
 CORE_KINDS = {"PersistentVolumeClaim", "Secret", "ConfigMap", "NetworkPolicy", "Ingress"}
@@ -186,12 +186,14 @@ def serve_config(objs) -> dict:
 def test_serve_config_is_a_serve_deploy_config_that_builds_the_app(case, write_ckpt):
     """serveConfigV2 passes Ray Serve's own schema, names raymoe's builder, and its args build the application."""
     from ray.serve import Application
+    from ray.serve._private.utils import validate_route_prefix
     from ray.serve.schema import ServeDeploySchema
 
     name, objs = case
     cfg = serve_config(objs)
     ServeDeploySchema.model_validate(cfg)
     [app] = cfg["applications"]
+    validate_route_prefix(app["route_prefix"])             # Serve checks this at deploy time, not in the schema
     assert app["import_path"] == "raymoe.deployments.app:build_app"
     module, attr = app["import_path"].split(":")
     build_app = getattr(importlib.import_module(module), attr)
@@ -333,3 +335,12 @@ def test_kube_version_floor(run_helm):
     from .conftest import HelmError
     with pytest.raises(HelmError, match="chart requires kubeVersion: >=1.28.0-0"):
         run_helm("template", "rm", str(CHART), "--kube-version", "1.27.0")
+
+
+def test_route_prefix_reaches_probe_and_config(render):
+    objs = render(*CASES["emptydir-object-store"])
+    [app] = serve_config(objs)["applications"]
+    assert app["route_prefix"] == "/llm"
+    [rs] = by_kind(objs, "RayService")
+    worker = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["readinessProbe"]["httpGet"]["path"] == "/llm/health"

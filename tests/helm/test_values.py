@@ -33,6 +33,7 @@ BAD = {
     "unknown top-level key": ([], ["modle.path=/models/x"], "additional properties 'modle' not allowed"),
     "unknown engine field": ([], ["serve.engine.max_num_seq=8"],
                              "at '/serve/engine': additional properties 'max_num_seq' not allowed"),
+    "route prefix with a trailing slash": ([], ["serve.routePrefix=/llm/"], "at '/serve/routePrefix'"),
     "bad transport": ([], ["serve.expertParallel.transport=nccl"], "at '/serve/expertParallel/transport'"),
     "api key without a secret": ([], ["apiKey.enabled=true"],
                                  "apiKey.enabled needs apiKey.existingSecret (recommended) or apiKey.value"),

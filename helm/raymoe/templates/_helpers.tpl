@@ -46,6 +46,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-models" (include "raymoe.fullname" .)) .Values.storage.pvc.existingClaim }}
 {{- end }}
 
+{{/* A path of the app under serve.routePrefix: (include "raymoe.appPath" (list . "v1")) -> /v1 or /llm/v1. */}}
+{{- define "raymoe.appPath" -}}
+{{- printf "%s/%s" (trimSuffix "/" (index . 0).Values.serve.routePrefix) (index . 1) }}
+{{- end }}
+
 {{- define "raymoe.apiKeySecretName" -}}
 {{- default (printf "%s-api-key" (include "raymoe.fullname" .)) .Values.apiKey.existingSecret }}
 {{- end }}
@@ -240,7 +245,7 @@ spec:
         {{- if eq .role "head" }}
         httpGet: {path: /api/healthz, port: 52365}
         {{- else }}
-        httpGet: {path: {{ printf "%shealth" $v.serve.routePrefix }}, port: serve}
+        httpGet: {path: {{ include "raymoe.appPath" (list $root "health") }}, port: serve}
         {{- end }}
         {{- toYaml $p.readiness | nindent 8 }}
       {{- end }}
