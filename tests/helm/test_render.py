@@ -344,3 +344,41 @@ def test_route_prefix_reaches_probe_and_config(render):
     [rs] = by_kind(objs, "RayService")
     worker = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["readinessProbe"]["httpGet"]["path"] == "/llm/health"
+
+
+def _run_init(objs, tmp_path, model: str, source: str):
+    """Run the rendered model-check script in bash, as the init container would, with model.path under tmp_path."""
+    import os
+    import subprocess
+    import sys
+    [rs] = by_kind(objs, "RayService")
+    [init] = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["initContainers"]
+    assert init["command"] == ["/bin/bash", "-c"]
+    env = {**os.environ, "MODEL_PATH": str(tmp_path / model), "MODEL_SOURCE": source, "HOSTNAME": "pod-0",
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}   # raymoe and python, as in the image
+    return subprocess.run(["/bin/bash", "-c", init["args"][0]], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_init_step_stops_a_pod_without_weights(render, tmp_path):
+    p = _run_init(render(), tmp_path, "DeepSeek-V3", "")
+    assert p.returncode == 1
+    assert f"raymoe: no model weights at {tmp_path}/DeepSeek-V3 (model.path)" in p.stderr
+    assert "set model.source" in p.stderr
+
+
+def test_init_step_finds_copies_or_writes_weights(render, tmp_path, write_ckpt):
+    import os
+    objs = render()
+    ckpt = write_ckpt("helm-tiny", dtype="float32")
+    os.symlink(ckpt, tmp_path / "present")
+    p = _run_init(objs, tmp_path, "present", "")
+    assert p.returncode == 0 and "model weights found" in p.stdout
+    # a source URI is copied with pyarrow (a local path here; s3:// and gs:// take the same call)
+    p = _run_init(objs, tmp_path, "copied", str(ckpt))
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(tmp_path / "copied")) == sorted(os.listdir(ckpt))
+    assert not list(tmp_path.glob("*.partial-*"))
+    # "tiny" writes raymoe's tiny checkpoint with the CLI
+    p = _run_init(objs, tmp_path, "sub/tiny", "tiny")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "sub" / "tiny" / "config.json").is_file()

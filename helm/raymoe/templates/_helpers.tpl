@@ -149,7 +149,7 @@ with a message naming the path and the values to set. */}}
         tmp="$m.partial-$HOSTNAME"; rm -rf "$tmp"; mkdir -p "$(dirname "$m")"
         echo "raymoe: no weights at $m yet: fetching $MODEL_SOURCE"
         if [ "$MODEL_SOURCE" = tiny ]; then raymoe tiny-checkpoint "$tmp" --dtype float32 > /dev/null
-        else python -c 'import sys, pyarrow.fs as fs; fs.copy_files(sys.argv[1], sys.argv[2])' "$MODEL_SOURCE" "$tmp"; fi
+        else mkdir -p "$tmp"; python -c 'import sys, pyarrow.fs as fs; fs.copy_files(sys.argv[1], sys.argv[2])' "$MODEL_SOURCE" "$tmp"; fi
         mv -T "$tmp" "$m" 2> /dev/null || rm -rf "$tmp"   # another pod got there first: keep its copy
       fi
       if ! have; then
