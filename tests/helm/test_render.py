@@ -382,3 +382,22 @@ def test_init_step_finds_copies_or_writes_weights(render, tmp_path, write_ckpt):
     p = _run_init(objs, tmp_path, "sub/tiny", "tiny")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "sub" / "tiny" / "config.json").is_file()
+
+
+def test_matches_the_projects_own_serve_config(render):
+    """Values that say what deployments/configs/deepseek-v3.yaml says render the same Serve config: the same
+    top-level options and args the app validates to the same ServeAppConfig."""
+    from raymoe.deployments.config import ServeAppConfig
+    ref = yaml.safe_load((CHART.parents[1] / "deployments" / "configs" / "deepseek-v3.yaml").read_text())
+    objs = render(sets=["model.servedName=deepseek-ai/DeepSeek-V3", "apiKey.enabled=true", "apiKey.existingSecret=k",
+                        "serve.numCpus=8", "serve.maxQueuedRequests=512", "serve.retryAfterS=2",
+                        "serve.autoscaling.maxReplicas=4", "gpuWorkers.maxReplicas=4",
+                        "serve.autoscaling.targetOngoingRequests=32", "serve.engine.kv_cache_memory_gb=40",
+                        "serve.engine.max_num_seqs=64", "serve.engine.num_speculative_tokens=1"])
+    ours = serve_config(objs)
+    assert {k: v for k, v in ours.items() if k != "applications"} == \
+        {k: v for k, v in ref.items() if k != "applications"}
+    [mine], [theirs] = ours["applications"], ref["applications"]
+    assert {k: mine[k] for k in ("name", "route_prefix", "import_path")} == \
+        {k: theirs[k] for k in ("name", "route_prefix", "import_path")}
+    assert ServeAppConfig.model_validate(mine["args"]) == ServeAppConfig.model_validate(theirs["args"])
