@@ -363,6 +363,7 @@ def test_init_step_stops_a_pod_without_weights(render, tmp_path):
     p = _run_init(render(), tmp_path, "DeepSeek-V3", "")
     assert p.returncode == 1
     assert f"raymoe: no model weights at {tmp_path}/DeepSeek-V3 (model.path)" in p.stderr
+    assert "(PVC rm-raymoe-models, mounted at /models)" in p.stderr
     assert "set model.source" in p.stderr
 
 

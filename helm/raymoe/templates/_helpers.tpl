@@ -154,7 +154,7 @@ with a message naming the path and the values to set. */}}
       fi
       if ! have; then
         echo "raymoe: no model weights at $m (model.path): it needs config.json and *.safetensors." >&2
-        echo "Copy a Hugging Face checkpoint there on the model volume ({{ .Values.storage.type }} mounted at {{ .Values.storage.mountPath }}), or set model.source to an s3:// or gs:// URI." >&2
+        echo "Copy a Hugging Face checkpoint there on the model volume ({{ eq .Values.storage.type "pvc" | ternary (printf "PVC %s" (include "raymoe.claimName" .)) "a per-pod emptyDir" }}, mounted at {{ .Values.storage.mountPath }}), or set model.source to an s3:// or gs:// URI." >&2
         exit 1
       fi
   env:
@@ -200,18 +200,16 @@ spec:
     - name: {{ eq .role "head" | ternary "ray-head" "ray-worker" }}
       image: {{ include "raymoe.image" $root }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
-      {{- if eq .role "head" }}
       ports:
+        {{- if eq .role "head" }}
         - {name: gcs-server, containerPort: 6379}
         - {name: dashboard, containerPort: 8265}
         - {name: client, containerPort: 10001}
+        {{- end }}
+        {{- if $serve }}
         - {name: serve, containerPort: {{ $v.serve.port }}}
+        {{- end }}
         - {name: metrics, containerPort: 8080}
-      {{- else }}
-      ports:
-        - {name: serve, containerPort: {{ $v.serve.port }}}
-        - {name: metrics, containerPort: 8080}
-      {{- end }}
       {{- $tput := and $serve $v.serve.throughputOptimized }}
       {{- if or (and $serve $v.apiKey.enabled) $tput $g.env }}
       env:
