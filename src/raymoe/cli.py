@@ -5,6 +5,7 @@ Bad input ends with a one-line message on stderr and a non-zero exit, never a tr
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -133,6 +134,36 @@ def _start_ray() -> None:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR")
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, help="HF DeepSeek-V3 checkpoint directory (default: the built-in "
+                                         "tiny model, written once under ~/.cache/raymoe/tiny)"),
+    ep: Optional[int] = typer.Option(None, help="expert-parallel shards per replica"),
+    host: str = typer.Option("127.0.0.1", help="address the HTTP proxy binds"),
+    port: int = typer.Option(8000, help="HTTP port"),
+    api_key_env: Optional[str] = typer.Option(None, help="env var holding the API key clients must send "
+                                              "(Authorization: Bearer KEY); unset: no key"),
+    config: Optional[Path] = typer.Option(None, "--config", help="Serve config YAML (deployments/configs/) or a "
+                                          "YAML of app args; the options above override it"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: $RAY_ADDRESS, else start a "
+                                          "local one)"),
+) -> None:
+    """Serve the OpenAI-compatible API (Ray Serve) and stay up; prints the base URL."""
+    from raymoe.deployments.local import read_config, serve_forever
+
+    try:
+        args, prefix = read_config(config) if config else ({}, "/")
+        for key, value in (("model", model and str(model)), ("ep", ep), ("api_key_env", api_key_env)):
+            if value is not None:
+                args[key] = value
+        if api_key_env and not os.environ.get(api_key_env):
+            fail(f"--api-key-env {api_key_env}: the variable is not set")
+        serve_forever(args, host=host, port=port, address=address, route_prefix=prefix,
+                      ready=lambda msg: typer.echo(msg, err=False))
+    except ValueError as e:
+        fail(str(e).splitlines()[0])
 
 
 @app.command()

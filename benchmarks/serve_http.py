@@ -1,0 +1,156 @@
+"""Streaming through HTTP (Ray Serve: proxy -> OpenAIIngress -> ModelServer -> AsyncEngine) against the same
+AsyncEngine driven directly in-process: same tiny model, same token-id prompts, greedy, every request exactly
+max_tokens tokens (ignore_eos). Prints, per concurrency, generated tokens/s of each and their ratio, and TTFT
+p50/p99 of each (HTTP: from sending the request to the first SSE chunk with text; direct: from calling generate to
+the first delta).
+
+    .venv/bin/python benchmarks/serve_http.py [--model DIR] [--max-tokens 64] [--concurrency 1,16,64]
+
+The two sides alternate, one at a time, best of --repeats each (the direct engine idles while HTTP runs). Both
+engines use the same EngineConfig, torch threads included (a Ray replica would otherwise get OMP_NUM_THREADS = its
+num_cpus). Set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 to measure Serve's throughput-optimized mode (what `raymoe serve`
+sets when it starts its own Ray).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(rng.randrange(16, 33))] for _ in range(n)]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+
+async def run_direct(engine, ps, max_tokens: int, conc: int) -> dict:
+    from raymoe.platform.config import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    sem = asyncio.Semaphore(conc)
+    ttft, toks = [], []
+
+    async def one(p):
+        async with sem:
+            t0, first, n = time.perf_counter(), None, 0
+            async for d in engine.generate(p, params):
+                if first is None and d.token_ids:
+                    first = time.perf_counter() - t0
+                n += len(d.token_ids)
+            ttft.append(first)
+            toks.append(n)
+    t0 = time.perf_counter()
+    await asyncio.gather(*[one(p) for p in ps])
+    wall = time.perf_counter() - t0
+    return {"tok_s": sum(toks) / wall, "ttft": ttft, "tokens": sum(toks)}
+
+
+async def run_http(url: str, ps, max_tokens: int, conc: int) -> dict:
+    import httpx
+    sem = asyncio.Semaphore(conc)
+    ttft, toks = [], []
+    limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
+
+    async def one(c, p):
+        async with sem:
+            body = {"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            t0, first, n = time.perf_counter(), None, 0
+            async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+                assert r.status_code == 200, r.status_code
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    if first is None and '"text":"' in line and '"text":""' not in line:
+                        first = time.perf_counter() - t0
+                    if '"usage":{' in line:
+                        n = json.loads(line[6:])["usage"]["completion_tokens"]
+            ttft.append(first)
+            toks.append(n)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*[one(c, p) for p in ps])
+        wall = time.perf_counter() - t0
+    return {"tok_s": sum(toks) / wall, "ttft": ttft, "tokens": sum(toks)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+    conc = [int(c) for c in a.concurrency.split(",")]
+
+    from raymoe.platform.checkpoint import TinySpec, write_tiny_checkpoint
+    from raymoe.platform.config import EngineConfig
+    from raymoe.platform.engine import AsyncEngine
+    model = a.model or str(write_tiny_checkpoint(tempfile.mkdtemp(prefix="serve-bench-"),
+                                                 TinySpec(seed=1, dtype="float32")))
+    engine_kw = {"cpu_threads": a.threads, "max_num_seqs": 64, "num_blocks": 2048, "block_size": 16}
+    sets = {c: prompts(max(8, 2 * c), 700, seed=c) for c in conc}
+
+    results: dict[int, dict] = {c: {} for c in conc}
+    engine = AsyncEngine(EngineConfig(model=model, **engine_kw))    # idle (blocked on an event) while HTTP runs
+
+    import ray
+    from ray import serve
+
+    from raymoe.deployments.app import build_app
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"model": model, "served_model_name": "tiny", "engine": engine_kw, "num_cpus": 1,
+                             "max_ongoing_requests": 128, "metrics_interval_s": 1.0}),
+                  name="bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+
+        def best(old: dict | None, new: dict) -> dict:
+            return new if old is None or new["tok_s"] > old["tok_s"] else old
+
+        async def both():
+            await run_direct(engine, prompts(4, 700, 99), a.max_tokens, 4)          # warm-up
+            await run_http(url, prompts(4, 700, 99), a.max_tokens, 4)
+            for c in conc:                     # alternate, best of --repeats each: other load on the machine
+                for _ in range(a.repeats):     # drifts, and alternating lets both sides see the same drift
+                    r = results[c]
+                    r["direct"] = best(r.get("direct"), await run_direct(engine, sets[c], a.max_tokens, c))
+                    r["http"] = best(r.get("http"), await run_http(url, sets[c], a.max_tokens, c))
+        asyncio.run(both())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        engine.shutdown()
+
+    print(f"\nmax_tokens {a.max_tokens}, torch threads {a.threads}, prompts 16-32 tokens, greedy, ignore_eos\n")
+    print("| concurrency | requests | direct tok/s | HTTP tok/s | ratio | TTFT p50 direct / HTTP (ms) | "
+          "TTFT p99 direct / HTTP (ms) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for c in conc:
+        d, h = results[c]["direct"], results[c]["http"]
+        assert d["tokens"] == h["tokens"], (d["tokens"], h["tokens"])
+        print(f"| {c} | {len(sets[c])} | {d['tok_s']:.0f} | {h['tok_s']:.0f} | {h['tok_s'] / d['tok_s']:.2f} | "
+              f"{pct(d['ttft'], .5):.1f} / {pct(h['ttft'], .5):.1f} | {pct(d['ttft'], .99):.1f} / "
+              f"{pct(h['ttft'], .99):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

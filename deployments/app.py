@@ -1,0 +1,82 @@
+"""The one app builder: ServeAppConfig -> a Serve Application (ingress -> model deployment, plus metrics).
+
+    serve run raymoe.deployments.app:build_app model=/path/to/ckpt
+    serve deploy deployments/configs/tiny.yaml            (import_path: raymoe.deployments.app:build_app)
+    raymoe serve --model /path/to/ckpt                    (raymoe.deployments.local)
+
+With no `model`, the built-in tiny model is written once under the cache folder ($RAYMOE_CACHE, else
+$XDG_CACHE_HOME/raymoe, else ~/.cache/raymoe) and served. `api_key_env` names a variable read on the ingress's
+node (never copied into the app's config, which the dashboard shows). This module wires deployments only.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from ray.serve import Application
+
+from raymoe.deployments.config import ServeAppConfig, first_error
+from raymoe.deployments.ingress import OpenAIIngress
+from raymoe.deployments.metrics import MetricsCollector
+from raymoe.deployments.model import ModelServer
+
+
+def cache_dir() -> Path:
+    if os.environ.get("RAYMOE_CACHE"):
+        return Path(os.environ["RAYMOE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raymoe"
+
+
+def tiny_model() -> Path:
+    """The built-in tiny checkpoint, written once (atomically: a half-written one is never served)."""
+    out = cache_dir() / "tiny"
+    if (out / "config.json").is_file():
+        return out
+    from raymoe.platform.checkpoint import write_tiny_checkpoint
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tiny-", dir=out.parent))
+    write_tiny_checkpoint(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:                            # another process won the race: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def app_config(args: dict[str, Any] | ServeAppConfig) -> ServeAppConfig:
+    """Validate builder args (raises ValueError naming the key); fill in the tiny model when none is given."""
+    if isinstance(args, ServeAppConfig):
+        cfg = args
+    else:
+        try:
+            cfg = ServeAppConfig.model_validate(args)
+        except ValidationError as e:
+            raise ValueError(f"invalid serve app args: {first_error(e)}") from None
+    if cfg.model is None:
+        cfg = cfg.model_copy(update={"model": str(tiny_model()), "served_model_name": cfg.model_name})
+    elif not (Path(cfg.model) / "config.json").is_file():
+        raise ValueError(f"model: {cfg.model} is not a checkpoint directory (no config.json)")
+    return cfg
+
+
+def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
+    cfg = app_config(args)
+    env = {"runtime_env": cfg.runtime_env} if cfg.runtime_env else {}
+    auto = cfg.autoscaling.model_dump(exclude_none=True)
+    model = ModelServer.options(
+        autoscaling_config=auto, max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},   # if one escapes the ingress
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **env},
+    )
+    metrics = MetricsCollector.bind(stale_after_s=max(5.0, 4 * cfg.metrics_interval_s))
+    ingress = OpenAIIngress.options(
+        num_replicas=cfg.ingress_replicas,
+        max_ongoing_requests=4 * (cfg.max_ongoing_requests * cfg.autoscaling.max_replicas + cfg.max_queued_requests),
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus, **env},
+    )
+    return ingress.bind(cfg, model.bind(cfg.engine_config(), metrics, cfg.metrics_interval_s), metrics)

@@ -1,0 +1,89 @@
+"""ServeAppConfig: everything one raymoe Serve application is built from, as one pydantic model.
+
+It is what `build_app` receives (the `args` of a Serve config file, `serve run ... key=value`, or `raymoe serve`),
+validated once, with errors naming the key. The engine's own settings travel as one EngineConfig (the `engine` key
+holds its fields; `model` is filled in here), so new engine options (expert parallelism's, say) reach the replicas
+without this module changing. It never touches Ray.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raymoe.platform.config import EngineConfig
+
+
+class AutoscalingSettings(BaseModel):
+    """The model deployment's Serve autoscaling_config (the fields raymoe sets; Serve's defaults for the rest)."""
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    metrics_interval_s: float | None = Field(None, gt=0)    # Serve's default (deprecated there; tests set it)
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSettings":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class ServeAppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None                   # checkpoint directory; None: the built-in tiny model (cached)
+    served_model_name: str | None = None       # the `model` clients send; None: the directory's name
+    engine: dict[str, Any] = Field(default_factory=dict)   # EngineConfig fields except `model`
+    ep: int = Field(1, ge=1)                   # expert-parallel shards per replica (1: single process)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    max_ongoing_requests: int = Field(64, ge=1)    # per model replica: what its engine batches
+    max_queued_requests: int = Field(256, ge=1)    # per ingress replica, waiting for a model replica; then 429
+    retry_after_s: int = Field(1, ge=0)            # the Retry-After of a 429
+    num_cpus: float = Field(1.0, ge=0)         # per model replica
+    num_gpus: float = Field(0.0, ge=0)
+    ingress_num_cpus: float = Field(0.5, ge=0)
+    ingress_replicas: int = Field(1, ge=1)
+    api_key_env: str | None = None             # name of the env var holding the API key; None: no key needed
+    max_request_bytes: int = Field(8 * 2 ** 20, ge=1024)   # larger bodies get 413
+    default_max_tokens: int = Field(4096, ge=1)  # when a chat request gives none: min(this, the context left)
+    metrics_interval_s: float = Field(1.0, gt=0)   # how often each replica reports engine gauges
+    runtime_env: dict[str, Any] = Field(default_factory=dict)   # Ray runtime_env of every replica (env_vars...)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeAppConfig":
+        if "model" in self.engine:
+            raise ValueError("engine.model: set the checkpoint with the top-level `model` key")
+        if self.ep > 1 and "parallel" not in EngineConfig.model_fields:
+            raise ValueError("ep > 1 needs the expert-parallel engine, which has not landed yet; use ep: 1")
+        try:
+            self.engine_config()               # engine fields are checked now, not on a replica later
+        except ValidationError as e:
+            raise ValueError(f"engine.{first_error(e)}") from None
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        extra = {"parallel": {"ep": self.ep}} if self.ep > 1 else {}
+        return EngineConfig(model=self.model or "<tiny>", **self.engine, **extra)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or (Path(self.model).name if self.model else "raymoe-tiny")
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) or None if self.api_key_env else None
+
+
+def first_error(e: ValidationError) -> str:
+    """A pydantic error as one line naming the key: `engine.max_num_seqs: Input should be greater than 0`."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg

@@ -1,0 +1,71 @@
+"""`raymoe serve`: deploy the app on a Ray cluster, print the base URL, stay up until Ctrl-C or SIGTERM.
+
+Joins the cluster named by `address` (or $RAY_ADDRESS); with neither it starts a local Ray instance of its own
+(address="local": never someone else's) and shuts it down on exit. `--config` takes a Serve config file (its first
+application's args and route prefix, as under deployments/configs/) or a plain YAML of ServeAppConfig keys; the
+command line's options override it. This module is the CLI's only door into serving.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def read_config(path: Path) -> tuple[dict[str, Any], str]:
+    """(app args, route prefix) from a Serve config file or a plain args file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    if "applications" in data:
+        apps = data["applications"] or []
+        if not apps:
+            raise ValueError(f"{path}: applications is empty")
+        app = apps[0]
+        if not str(app.get("import_path", "")).endswith("build_app"):
+            raise ValueError(f"{path}: applications[0].import_path must be raymoe.deployments.app:build_app")
+        return dict(app.get("args") or {}), app.get("route_prefix", "/")
+    return data, "/"
+
+
+def serve_forever(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+                  route_prefix: str = "/", name: str = "raymoe", ready=print) -> None:
+    import ray
+    from ray import serve
+
+    from raymoe.deployments.app import app_config, build_app
+
+    cfg = app_config(args)                      # bad args fail before any cluster starts
+    address = address or os.environ.get("RAY_ADDRESS")
+    own = address is None
+    if own:
+        # Serve's throughput-optimized mode (replicas take HTTP directly, gRPC between deployments, user code on the
+        # replica's own loop): 1.5-1.7x the HTTP tokens/s at 16-64 streams here (BENCHMARKS.md); the serving tests pass
+        # in both modes. Only for a Ray we start: a joined cluster keeps its own settings.
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")   # Ctrl-C in 30 s otherwise
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=False)
+        base = f"http://{host}:{port}{route_prefix.rstrip('/')}/v1"
+        ready(f"raymoe: serving {cfg.model_name!r} at {base} (Ctrl-C to stop)")
+        stop.wait()
+    finally:
+        if own:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(name)

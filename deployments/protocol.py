@@ -1,0 +1,217 @@
+"""The OpenAI-compatible HTTP bodies, as pydantic models: requests (validated strictly: a string is never a number)
+and responses (what the official `openai` client parses). Field names and defaults follow OpenAI's API; the
+vLLM extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`) are accepted as vLLM accepts
+them. Unknown fields are refused, so a feature raymoe lacks (tools, response_format) is a 400, never ignored.
+This module only describes shapes; it never calls the engine.
+"""
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+SInt = Annotated[int, Strict()]
+SFloat = Annotated[float, Strict()]      # strict floats still take JSON integers
+SStr = Annotated[str, Strict()]
+SBool = Annotated[bool, Strict()]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Sampling(_Request):
+    """Fields shared by chat and text completions."""
+    model: SStr
+    n: SInt = Field(1, ge=1, le=16)
+    temperature: SFloat | None = Field(None, ge=0, le=2)
+    top_p: SFloat | None = Field(None, gt=0, le=1)
+    top_k: SInt | None = Field(None, ge=-1)          # vLLM: -1 or 0 is off
+    min_p: SFloat | None = Field(None, ge=0, le=1)
+    seed: SInt | None = None
+    stop: SStr | list[SStr] | None = Field(None, max_length=16)
+    stop_token_ids: list[SInt] | None = Field(None, max_length=64)
+    presence_penalty: SFloat | None = Field(None, ge=-2, le=2)
+    frequency_penalty: SFloat | None = Field(None, ge=-2, le=2)
+    repetition_penalty: SFloat | None = Field(None, ge=0.01, le=10)   # tinier ones overflow the logits
+    ignore_eos: SBool = False
+    stream: SBool = False
+    stream_options: StreamOptions | None = None
+    user: SStr | None = None
+
+
+class StreamOptions(_Request):
+    include_usage: SBool = False
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: SStr
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: SStr | list[TextPart]
+    name: SStr | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: SInt | None = Field(None, ge=1)
+    max_completion_tokens: SInt | None = Field(None, ge=1)
+    logprobs: SBool = False
+    top_logprobs: SInt | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: SStr | list[SInt] | list[SStr] | list[list[SInt]]
+    max_tokens: SInt | None = Field(16, ge=1)
+    echo: SBool = False
+    logprobs: SInt | None = Field(None, ge=0, le=20)
+
+
+class TokenizeRequest(_Request):
+    model: SStr | None = None
+    prompt: SStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: SBool = True
+    add_special_tokens: SBool = True
+
+
+class DetokenizeRequest(_Request):
+    model: SStr | None = None
+    tokens: list[SInt]
+
+
+# ---- responses -------------------------------------------------------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "raymoe"
+    root: str | None = None
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+_Sampling.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()

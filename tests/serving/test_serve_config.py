@@ -1,0 +1,59 @@
+"""The app's config without Ray: the shipped YAMLs are valid Serve deploy configs (what KubeRay's serveConfigV2
+takes) whose args are valid ServeAppConfig; bad args fail with one line naming the key; `raymoe serve` refuses bad
+input before starting anything."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from raymoe.deployments.app import app_config
+from raymoe.deployments.config import ServeAppConfig
+from raymoe.deployments.local import read_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "deployments" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    data = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(data)
+    app = data["applications"][0]
+    assert app["import_path"] == "raymoe.deployments.app:build_app"
+    ServeAppConfig.model_validate(app["args"])
+    args, prefix = read_config(path)
+    assert args == app["args"] and prefix == app["route_prefix"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    ({"engine": {"max_num_seqs": 0}}, "engine.max_num_seqs"),
+    ({"engine": {"model": "/x"}}, "engine.model"),
+    ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "max_replicas (2) is below min_replicas (3)"),
+    ({"max_queued_requests": 0}, "max_queued_requests"),
+    ({"bogus": 1}, "bogus"),
+    ({"ep": 2}, "expert-parallel"),
+    ({"model": "/definitely/not/here"}, "not a checkpoint directory"),
+])
+def test_bad_args_name_the_key(args, needle, tiny_ckpt_fp32):
+    with pytest.raises(ValueError) as e:
+        app_config({"model": str(tiny_ckpt_fp32), **args})
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_string_args_from_serve_run_are_coerced(tiny_ckpt_fp32):
+    cfg = app_config({"model": str(tiny_ckpt_fp32), "max_ongoing_requests": "8"})     # serve run key=value
+    assert cfg.max_ongoing_requests == 8 and cfg.model_name == tiny_ckpt_fp32.name
+
+
+def test_cli_refuses_bad_input_before_starting(tmp_path):
+    exe = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "raymoe"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_ongoing_requests: -1\n")
+    for argv, needle in ([["--config", str(bad)], "max_ongoing_requests"],
+                         [["--model", str(tmp_path)], "not a checkpoint directory"],
+                         [["--api-key-env", "RAYMOE_SURELY_UNSET_VAR"], "not set"]):
+        out = subprocess.run([str(exe), "serve", *argv], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
