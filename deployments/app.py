@@ -23,6 +23,7 @@ from raymoe.deployments.config import ServeAppConfig, first_error
 from raymoe.deployments.ingress import OpenAIIngress
 from raymoe.deployments.metrics import MetricsCollector
 from raymoe.deployments.model import ModelServer
+from raymoe.platform.config import EngineConfig
 
 
 def cache_dir() -> Path:
@@ -63,15 +64,27 @@ def app_config(args: dict[str, Any] | ServeAppConfig) -> ServeAppConfig:
     return cfg
 
 
+def _placement(engine: EngineConfig) -> dict:
+    """With expert shards on Ray, each model replica gets a placement group: its own bundle (the router) first,
+    then one per shard; the engine starts its shards in those bundles."""
+    par = engine.parallel
+    if not par.num_shards or par.transport == "local" or not par.use_placement_group:
+        return {}
+    from raymoe.platform.parallel.placement import replica_bundles
+    return {"placement_group_bundles": replica_bundles(par), "placement_group_strategy": par.placement_strategy}
+
+
 def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
     cfg = app_config(args)
     env = {"runtime_env": cfg.runtime_env} if cfg.runtime_env else {}
     auto = cfg.autoscaling.model_dump(exclude_none=True)
+    engine = cfg.engine_config()
     model = ModelServer.options(
         autoscaling_config=auto, max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},   # if one escapes the ingress
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **env},
+        **_placement(engine),
     )
     metrics = MetricsCollector.bind(stale_after_s=max(5.0, 4 * cfg.metrics_interval_s))
     ingress = OpenAIIngress.options(
@@ -79,4 +92,4 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
         max_ongoing_requests=4 * (cfg.max_ongoing_requests * cfg.autoscaling.max_replicas + cfg.max_queued_requests),
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus, **env},
     )
-    return ingress.bind(cfg, model.bind(cfg.engine_config(), metrics, cfg.metrics_interval_s), metrics)
+    return ingress.bind(cfg, model.bind(engine, metrics, cfg.metrics_interval_s), metrics)

@@ -42,7 +42,8 @@ class ServeAppConfig(BaseModel):
     model: str | None = None                   # checkpoint directory; None: the built-in tiny model (cached)
     served_model_name: str | None = None       # the `model` clients send; None: the directory's name
     engine: dict[str, Any] = Field(default_factory=dict)   # EngineConfig fields except `model`
-    ep: int = Field(1, ge=1)                   # expert-parallel shards per replica (1: single process)
+    ep: int = Field(1, ge=1)                   # expert shards per replica (1: experts in the replica's process);
+    #                                            shard placement and transport: engine.parallel (ParallelConfig)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     max_ongoing_requests: int = Field(64, ge=1)    # per model replica: what its engine batches
     max_queued_requests: int = Field(256, ge=1)    # per ingress replica, waiting for a model replica; then 429
@@ -61,8 +62,6 @@ class ServeAppConfig(BaseModel):
     def _check(self) -> "ServeAppConfig":
         if "model" in self.engine:
             raise ValueError("engine.model: set the checkpoint with the top-level `model` key")
-        if self.ep > 1 and "parallel" not in EngineConfig.model_fields:
-            raise ValueError("ep > 1 needs the expert-parallel engine, which has not landed yet; use ep: 1")
         try:
             self.engine_config()               # engine fields are checked now, not on a replica later
         except ValidationError as e:
@@ -70,8 +69,13 @@ class ServeAppConfig(BaseModel):
         return self
 
     def engine_config(self) -> EngineConfig:
-        extra = {"parallel": {"ep": self.ep}} if self.ep > 1 else {}
-        return EngineConfig(model=self.model or "<tiny>", **self.engine, **extra)
+        """The replicas' EngineConfig; with ep > 1 its parallel block has ep shards and the replica's own
+        resources as the router's bundle (bundle 0 of the replica's placement group)."""
+        engine = dict(self.engine)
+        if self.ep > 1:
+            engine["parallel"] = {"router_cpus": self.num_cpus, "router_gpus": self.num_gpus,
+                                  **engine.get("parallel", {}), "num_shards": self.ep}
+        return EngineConfig(model=self.model or "<tiny>", **engine)
 
     @property
     def model_name(self) -> str:
