@@ -69,12 +69,16 @@ class ServeAppConfig(BaseModel):
         return self
 
     def engine_config(self) -> EngineConfig:
-        """The replicas' EngineConfig; with ep > 1 its parallel block has ep shards and the replica's own
-        resources as the router's bundle (bundle 0 of the replica's placement group)."""
+        """The replicas' EngineConfig. With expert shards (ep > 1, or engine.parallel.num_shards) the router's
+        bundle (bundle 0 of the replica's placement group) is the replica's own num_cpus / num_gpus."""
         engine = dict(self.engine)
+        par = dict(engine.get("parallel") or {})
         if self.ep > 1:
-            engine["parallel"] = {"router_cpus": self.num_cpus, "router_gpus": self.num_gpus,
-                                  **engine.get("parallel", {}), "num_shards": self.ep}
+            if par.get("num_shards", self.ep) != self.ep:
+                raise ValueError(f"ep ({self.ep}) and engine.parallel.num_shards ({par['num_shards']}) disagree")
+            par["num_shards"] = self.ep
+        if par.get("num_shards"):
+            engine["parallel"] = {"router_cpus": self.num_cpus, "router_gpus": self.num_gpus, **par}
         return EngineConfig(model=self.model or "<tiny>", **engine)
 
     @property
