@@ -104,6 +104,12 @@ def _cancel(gen) -> None:
         pass
 
 
+def _stream_error(e: Exception) -> str:
+    if isinstance(e, APIError):
+        return sse_error(e.message, e.status)
+    return sse_error(f"generation failed ({type(e).__name__})")
+
+
 def _json(body) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
@@ -260,7 +266,7 @@ class OpenAIIngress:
                             "service_unavailable", retry)
         if isinstance(e, (asyncio.CancelledError, RequestCancelledError)):
             return None
-        log.error("generation failed to start: %s", e)
+        log.error("generation failed: %s", e)
         return APIError(500, f"generation failed ({type(e).__name__})")
 
     async def _deltas(self, gen, first: list, t0: float, prompt_len: int, n: int):
@@ -288,6 +294,11 @@ class OpenAIIngress:
                     batch = await gen.__anext__()
                 except StopAsyncIteration:
                     break
+                except Exception as e:         # the replica died mid-request (503) or the engine failed (500)
+                    err = self._refusal(e)
+                    if err is None:
+                        raise
+                    raise err from None
         finally:
             if len(done) < n:
                 _cancel(gen)
@@ -331,7 +342,7 @@ class OpenAIIngress:
             yield "data: [DONE]\n\n"
         except Exception as e:                 # noqa: BLE001 (the status is already 200: say it in the stream)
             log.error("stream %s failed: %s", rid, e)
-            yield sse_error(f"generation failed ({type(e).__name__})")
+            yield _stream_error(e)
 
     async def _completion_sse(self, stream, rid: str, req: CompletionRequest, prefix: str, ids: list[int],
                               include_usage: bool):
@@ -368,7 +379,7 @@ class OpenAIIngress:
             yield "data: [DONE]\n\n"
         except Exception as e:                 # noqa: BLE001
             log.error("stream %s failed: %s", rid, e)
-            yield sse_error(f"generation failed ({type(e).__name__})")
+            yield _stream_error(e)
 
     # ---- metrics -------------------------------------------------------------------------------------------------
     async def _flush(self) -> None:
