@@ -43,6 +43,10 @@ def test_chat_logprobs_seed_and_penalties(served):
     assert a.choices[0].message.content == b.choices[0].message.content      # seeded: reproducible
     lps = a.choices[0].logprobs.content
     assert len(lps) == 8 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in lps)
+    # extreme-but-valid values the fuzz found: they once overflowed or zeroed the sampler's probabilities (500)
+    for extreme in ({"temperature": 1e-300}, {"top_p": 1e-300}, {"top_p": 5e-324, "temperature": 1.5}):
+        r = c.chat.completions.create(model=served.name, messages=MSG, max_tokens=3, **extreme)
+        assert r.usage.completion_tokens >= 1
 
 
 def test_completions_with_logprobs_and_echo(served):

@@ -8,7 +8,7 @@ import time
 import httpx
 import ray
 
-from conftest import TIGHT_KEY, assert_openai_error
+from serve_helpers import TIGHT_KEY, assert_openai_error
 
 AUTH = {"authorization": f"Bearer {TIGHT_KEY}"}
 
