@@ -147,9 +147,10 @@ class MetricsCollector:
                [(lb, r.kv_cache_usage) for lb, r in per])
         queries = self.retired.prefix_cache_queries + sum(r.prefix_cache_queries for r in live)
         hits = self.retired.prefix_cache_hits + sum(r.prefix_cache_hits for r in live)
-        metric("vllm:prefix_cache_queries_total", "counter", "Prefix-cache lookups (one per admitted sequence).",
+        metric("raymoe:prefix_cache_queries_total", "counter", "Prefix-cache lookups, one per admitted sequence "
+               "(vLLM counts tokens under its name, so this is raymoe:).",
                [(lab, queries)])
-        metric("vllm:prefix_cache_hits_total", "counter", "Prefix-cache lookups that reused cached blocks.",
+        metric("raymoe:prefix_cache_hits_total", "counter", "Prefix-cache lookups that reused cached blocks.",
                [(lab, hits)])
         metric("raymoe:prefix_cache_hit_rate", "gauge", "prefix_cache_hits_total / prefix_cache_queries_total.",
                [(lab, hits / queries if queries else 0.0)])

@@ -61,6 +61,8 @@ def check_context(prompt_len: int, max_tokens: int | None, limit: int, where: st
 
 
 SAMPLING_EPS = 1e-5      # as vLLM: a temperature below this is greedy (dividing logits by it would overflow)
+MIN_TOP_P = 1e-6         # a top_p that rounds to 0 in the sampler's fp32 (< ~1e-45) drops every token (NaN probs);
+                         # any top_p this small keeps only the most likely token anyway
 
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int,
@@ -70,7 +72,8 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: 
         return SamplingParams(
             n=req.n, max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else 0.0 if req.temperature < SAMPLING_EPS else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=max(0, req.top_k or 0), min_p=req.min_p or 0.0,
+            top_p=1.0 if req.top_p is None else max(req.top_p, MIN_TOP_P), top_k=max(0, req.top_k or 0),
+            min_p=req.min_p or 0.0,
             seed=req.seed, stop=stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=req.repetition_penalty or 1.0, logprobs=logprobs)

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from conftest import TIGHT_KEY, assert_openai_error
+from serve_helpers import TIGHT_KEY, assert_openai_error
 
 CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
 OK_MSG = [{"role": "user", "content": "Hi"}]

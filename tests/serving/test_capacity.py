@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from conftest import TIGHT_KEY
+from serve_helpers import TIGHT_KEY
 
 
 async def _stream(client: httpx.AsyncClient, url: str, headers: dict) -> tuple[int, float, str | None, int]:

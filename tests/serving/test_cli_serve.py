@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import free_port
+from serve_helpers import free_port
 
 
 def test_raymoe_serve_answers_models(tmp_path):

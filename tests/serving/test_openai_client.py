@@ -2,6 +2,8 @@
 stop strings, unknown model, tokenize/detokenize, and /metrics naming vLLM's metrics."""
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -41,6 +43,10 @@ def test_chat_logprobs_seed_and_penalties(served):
     assert a.choices[0].message.content == b.choices[0].message.content      # seeded: reproducible
     lps = a.choices[0].logprobs.content
     assert len(lps) == 8 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in lps)
+    # extreme-but-valid values the fuzz found: they once overflowed or zeroed the sampler's probabilities (500)
+    for extreme in ({"temperature": 1e-300}, {"top_p": 1e-300}, {"top_p": 5e-324, "temperature": 1.5}):
+        r = c.chat.completions.create(model=served.name, messages=MSG, max_tokens=3, **extreme)
+        assert r.usage.completion_tokens >= 1
 
 
 def test_completions_with_logprobs_and_echo(served):
@@ -107,12 +113,23 @@ def test_unknown_model_is_404(served):
 
 
 def test_metrics_use_vllm_names(served):
-    served.client().completions.create(model=served.name, prompt="Hi", max_tokens=3)
-    text = httpx.get(f"{served.url}/metrics").text
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 8       # several full KV blocks
+    for _ in range(2):                          # the second one reuses the first one's cached blocks
+        served.client().completions.create(model=served.name, prompt=long_prompt, max_tokens=3)
+    deadline = time.time() + 10                 # replicas report every 0.25 s
+    while time.time() < deadline:
+        text = httpx.get(f"{served.url}/metrics").text
+        if _value(text, "raymoe:prefix_cache_hits_total") > 0:
+            break
+        time.sleep(0.25)
     for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_count",
                  "vllm:e2e_request_latency_seconds_sum", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
                  "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:prefix_cache_hits_total", "raymoe:num_replicas", "vllm:request_success_total"):
+                 "raymoe:prefix_cache_hit_rate", "raymoe:num_replicas", "vllm:request_success_total"):
         assert name in text, name
-    gen = next(line for line in text.splitlines() if line.startswith("vllm:generation_tokens_total"))
-    assert float(gen.split()[-1]) > 0
+    assert _value(text, "vllm:generation_tokens_total") > 0
+    assert _value(text, "raymoe:prefix_cache_hits_total") > 0
+
+
+def _value(text: str, name: str) -> float:
+    return float(next(line for line in text.splitlines() if line.startswith(name + "{")).split()[-1])
