@@ -66,6 +66,7 @@ class EngineReport(BaseModel):
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     preemptions: int = 0
+    expert_load: dict[int, list[int]] = Field(default_factory=dict)   # MoE layer -> tokens routed to each expert
 
 
 class RequestMetrics:
@@ -112,6 +113,9 @@ class MetricsCollector:
             if now - t > self.stale_after_s:        # gone (scaled down or dead): keep its counters only
                 for f in ("prefix_cache_queries", "prefix_cache_hits", "preemptions"):
                     setattr(self.retired, f, getattr(self.retired, f) + getattr(r, f))
+                for layer, counts in r.expert_load.items():
+                    old = self.retired.expert_load.get(layer, [0] * len(counts))
+                    self.retired.expert_load[layer] = [a + c for a, c in zip(old, counts)]
                 del self.replicas[rid]
         return [r for _, r in self.replicas.values()]
 
@@ -156,5 +160,17 @@ class MetricsCollector:
                [(lab, hits / queries if queries else 0.0)])
         metric("vllm:num_preemptions_total", "counter", "Sequences preempted (recomputed later).",
                [(lab, self.retired.preemptions + sum(r.preemptions for r in live))])
+        load: dict[int, list[int]] = {}
+        for r in [self.retired, *live]:
+            for layer, counts in r.expert_load.items():
+                acc = load.setdefault(layer, [0] * len(counts))
+                load[layer] = [a + c for a, c in zip(acc, counts)]
+        metric("raymoe:expert_routed_tokens_total", "counter", "Tokens routed to the routed experts of each MoE "
+               "layer (each token counts once per chosen expert).",
+               [(f'{lab},layer="{layer}"', sum(c)) for layer, c in sorted(load.items())])
+        metric("raymoe:expert_load_max_over_mean", "gauge", "Per MoE layer: the busiest expert's tokens over the "
+               "mean (1 = balanced).",
+               [(f'{lab},layer="{layer}"', max(c) * len(c) / sum(c) if sum(c) else 1.0)
+                for layer, c in sorted(load.items())])
         metric("raymoe:num_replicas", "gauge", "Model replicas reporting.", [(lab, len(live))])
         return "\n".join(out) + "\n"

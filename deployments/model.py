@@ -79,7 +79,8 @@ class ModelServer:
                 await self.metrics.report.remote(EngineReport(
                     replica=self.replica, running=s["running"], waiting=s["waiting"],
                     kv_cache_usage=s["kv_cache_usage"], prefix_cache_queries=s["prefix_cache_queries"],
-                    prefix_cache_hits=s["prefix_cache_hits"], preemptions=s.get("preemptions", 0)))
+                    prefix_cache_hits=s["prefix_cache_hits"], preemptions=s.get("preemptions", 0),
+                    expert_load=self.engine.engine.expert_load()))
             except Exception as e:             # noqa: BLE001 (metrics never take a replica down)
                 log.warning("metrics report failed: %s", e)
             await asyncio.sleep(self.interval)

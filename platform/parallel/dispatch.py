@@ -64,15 +64,17 @@ class ShardedDispatch(ExpertDispatch):
             raise RuntimeError("a remote expert dispatch cannot be captured in a CUDA graph")
         shards, routing = self.ep.active, self.ep.routing
         owner = routing.shard_of(layer, topk_ids)                              # [N, k]
-        parts = []
-        for s in range(len(shards.plan.shards)):
-            mine = owner == s
-            rows = mine.any(1).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            ids = torch.where(mine, topk_ids, -1)[rows]
-            w = torch.where(mine, topk_w, 0)[rows]
-            parts.append((s, rows, hidden[rows], ids, w))
+        n, num = topk_ids.shape[0], len(shards.plan.shards)
+        hit = torch.zeros(n, num, dtype=torch.bool, device=owner.device).scatter_(1, owner, True)   # [N, S]
+        pairs = hit.t().nonzero()                      # [M, 2] (shard, token), grouped by shard
+        counts = hit.sum(0).tolist()                   # the step's one host sync for the split
+        shard, token = pairs[:, 0], pairs[:, 1]
+        mine = owner[token] == shard[:, None]                                  # [M, k]
+        ids = torch.where(mine, topk_ids[token], -1)
+        w = torch.where(mine, topk_w[token], 0)
+        xs = hidden[token]
+        parts = [(s, r, x, i, ww) for s, r, x, i, ww in zip(range(num), token.split(counts), xs.split(counts),
+                                                             ids.split(counts), w.split(counts)) if counts[s]]
         p = _Pending(layer, hidden, parts)
         try:
             p.handles = self._send_all(shards, p)

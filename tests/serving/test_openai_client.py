@@ -129,6 +129,8 @@ def test_metrics_use_vllm_names(served):
         assert name in text, name
     assert _value(text, "vllm:generation_tokens_total") > 0
     assert _value(text, "raymoe:prefix_cache_hits_total") > 0
+    assert _value(text, "raymoe:expert_routed_tokens_total") > 0          # the first MoE layer's tokens
+    assert _value(text, "raymoe:expert_load_max_over_mean") >= 1.0
 
 
 def _value(text: str, name: str) -> float:

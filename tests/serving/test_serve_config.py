@@ -34,7 +34,7 @@ def test_shipped_configs_are_valid(path):
     ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "max_replicas (2) is below min_replicas (3)"),
     ({"max_queued_requests": 0}, "max_queued_requests"),
     ({"bogus": 1}, "bogus"),
-    ({"ep": 2}, "expert-parallel"),
+    ({"ep": 2, "engine": {"parallel": {"num_shards": 3}}}, "disagree"),
     ({"model": "/definitely/not/here"}, "not a checkpoint directory"),
 ])
 def test_bad_args_name_the_key(args, needle, tiny_ckpt_fp32):
