@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import app_args, deploy
+from serve_helpers import app_args, deploy
 
 
 @pytest.fixture(scope="module")
