@@ -16,10 +16,19 @@ from raymoe.platform.engine.sampler import processed_probs
 from engine_helpers import cycle_text, greedy_reference
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-# cycle pieces (every window of 2+ tokens determines the rest), one long prompt for chunking, and one that starts
-# off the cycle
+# cycle pieces of several lengths (one long enough to be prefilled in chunks) and one prompt that starts off the cycle
 PROMPTS = [cycle_text(0, 5), cycle_text(3, 17), cycle_text(7, 9), cycle_text(11, 30), cycle_text(5, 2),
            [17, 901, 250, 33, 611] + cycle_text(9, 4)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two threads that wait on each other at every op make
+    the tiny model's many small steps several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +45,9 @@ def _acceptance(out: list[dict]) -> float:
     return sum(o["outputs"][0]["spec"][1] for o in out) / proposed
 
 
-def _staggered(eng: LLMEngine, params: SamplingParams) -> list[list[int]]:
-    """PROMPTS joining at different steps (prefill chunks and verification steps share batches)."""
+def _staggered(eng: LLMEngine, params: SamplingParams) -> tuple[list[list[int]], float]:
+    """PROMPTS joining at different steps (prefill chunks and verification steps share batches): the tokens of
+    each, and the acceptance rate."""
     got: dict[int, list[int]] = {}
     prop = acc = 0
     joins = {0: [0, 1], 2: [2], 4: [3, 4, 5]}
@@ -50,8 +60,7 @@ def _staggered(eng: LLMEngine, params: SamplingParams) -> list[list[int]]:
             if d.finished:
                 prop, acc = prop + d.spec_proposed, acc + d.spec_accepted
         step += 1
-    eng.acceptance = acc / prop if prop else None
-    return [got[i] for i in range(len(PROMPTS))]
+    return [got[i] for i in range(len(PROMPTS))], acc / prop if prop else 0.0
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -66,9 +75,9 @@ def test_drafts_are_mostly_accepted_and_greedy_tokens_unchanged(cycle_engine, re
 @pytest.mark.parametrize("chunked, budget", [(True, 8), (False, 64)])
 def test_accepted_runs_with_chunked_prefill_and_staggered_joins(cycle_engine, reference, k, chunked, budget):
     eng = cycle_engine(k, enable_chunked_prefill=chunked, max_num_batched_tokens=budget)
-    assert _staggered(eng, GREEDY) == reference
-    if k:
-        assert eng.acceptance > 0.5
+    tokens, acceptance = _staggered(eng, GREEDY)
+    assert tokens == reference
+    assert acceptance > 0.5 or k == 0
     eng.blocks.check_no_leak()
 
 
