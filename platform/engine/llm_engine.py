@@ -298,14 +298,21 @@ class LLMEngine:
         text = ""
         p = seq.params
         if out.detok is not None:
-            out.detok.push(toks)
-            if seq.is_finished:
-                out.detok.flush()
-            full = out.detok.text
-            for stop in p.stop:               # text already emitted never contains a stop string (holdback)
-                at = full.find(stop, max(0, out.emitted_chars - len(stop) + 1))
+            # token by token: a stop string completed inside an accepted MTP run ends the output at the token that
+            # completed it, as without drafts (the tokens after it are dropped)
+            for n in range(max(len(toks), 1)):
+                out.detok.push(toks[n:n + 1])
+                if seq.is_finished and n + 1 >= len(toks):
+                    out.detok.flush()
+                full = out.detok.text
+                at = min((a for stop in p.stop        # text already emitted never contains a stop string (holdback)
+                          if (a := full.find(stop, max(0, out.emitted_chars - len(stop) + 1))) >= 0), default=-1)
                 if at >= 0:
                     full = full[:at]
+                    extra = len(toks) - n - 1
+                    seq.drop_last(extra)
+                    self.total_generated -= extra
+                    toks, lp = toks[:n + 1], lp[:n + 1]
                     seq.finish_reason, seq.status = "stop", Status.FINISHED
                     break
             hold = 0 if seq.is_finished else max((len(s) - 1 for s in p.stop), default=0)

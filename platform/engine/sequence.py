@@ -68,6 +68,12 @@ class Sequence:
         self.token_ids.append(token)
         self.output_counts[token] += 1
 
+    def drop_last(self, n: int) -> None:
+        """Forget the last n tokens (a stop string ended the output before them)."""
+        for t in self.token_ids[len(self.token_ids) - n:]:
+            self.output_counts[t] -= 1
+        del self.token_ids[len(self.token_ids) - n:]
+
     def reset_for_recompute(self) -> None:
         """Preempted: drop the cache; the prompt and the tokens generated so far are recomputed later."""
         self.num_computed_tokens = 0

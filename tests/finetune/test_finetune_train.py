@@ -3,6 +3,11 @@ a worker killed mid-run resumes exactly, and mode full trains the MTP module and
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +77,52 @@ def test_worker_killed_midway_resumes_to_the_same_adapter(reference, tiny32, tmp
     assert worst <= 1e-6, worst
     losses = lambda d: [json.loads(x)["loss"] for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
     assert losses(job.output_dir) == pytest.approx(losses(ref_job.output_dir), rel=1e-6)
+
+
+def _train_worker_pids() -> set[int]:
+    """Pids of the live Ray Train worker actors of the session's cluster, from the GCS actor table (the public
+    `ray.util.state.list_actors` goes through the dashboard, which the test cluster does not start)."""
+    from ray._private.state import actors
+    return {a["Pid"] for a in actors().values()
+            if a["ActorClassName"].endswith("RayTrainWorker") and a["State"] == "ALIVE"}
+
+
+def test_worker_killed_from_outside_resumes_to_the_same_adapter(reference, tiny32, tmp_path):
+    """SIGKILL from the test to one Ray Train worker process, a random short delay after the controller committed
+    the first checkpoint (wherever training then is): the group restarts from the latest committed checkpoint and
+    ends with the uninterrupted run's adapter and losses, steps 1..60 each recorded once."""
+    ref_job, _ = reference
+    # a checkpoint every 10 steps (the reference: 20; the math is the same) spreads the 60 fast steps over more
+    # wall time, so the kill lands mid-training, after a committed checkpoint
+    job = _job(tiny32, tmp_path / "out", "checkpoint.every_steps=10")
+    snapshot = Path(job.storage_path) / job.name / "checkpoint_manager_snapshot.json"   # Ray Train's commit log
+    before, killed = _train_worker_pids(), []
+
+    def kill_one():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (snapshot.is_file() and "checkpoint_step_" in snapshot.read_text()):
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 0.5))
+        pids = sorted(_train_worker_pids() - before)
+        if pids:
+            killed.append(random.choice(pids))
+            os.kill(killed[-1], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    summary = run(job)
+    killer.join()
+    assert killed, "no train worker was alive to kill"
+    assert summary["steps"] == 60 and len(summary["resumed_at_steps"]) == 1, summary
+    assert summary["resumed_at_steps"][0] in range(10, 60, 10)
+    metrics = [json.loads(x) for x in (Path(job.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 61))
+    a = load_file(str(Path(ref_job.output_dir) / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ref_losses = [json.loads(x)["loss"] for x in (Path(ref_job.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in metrics] == pytest.approx(ref_losses, rel=1e-6)
 
 
 def test_resubmitted_job_resumes_from_its_last_checkpoint(reference, tiny32, tmp_path):
