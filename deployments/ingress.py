@@ -103,6 +103,16 @@ def _json(body) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
+
+async def _collect(stream, n: int) -> translate.Outputs:
+    """A non-streamed request's choices, gathered from the replica's batches of deltas."""
+    out = translate.Outputs(n)
+    async for batch in stream:
+        for d in batch:
+            out.add(d)
+    return out
+
+
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=4096)
 @serve.ingress(app)
 class OpenAIIngress:
@@ -174,10 +184,7 @@ class OpenAIIngress:
             usage = req.stream_options is not None and req.stream_options.include_usage
             return StreamingResponse(sse.chat_events(stream, rid, self.name, req.n, usage, self.tt),
                                      media_type="text/event-stream")
-        out = translate.Outputs(req.n)
-        async for batch in stream:
-            for d in batch:
-                out.add(d)
+        out = await _collect(stream, req.n)
         return _json(ChatCompletion(id=rid, model=self.name, usage=out.usage(), choices=[
             ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
                        logprobs=translate.chat_logprobs(self.tt, c.logprobs) if req.logprobs else None)
@@ -199,10 +206,7 @@ class OpenAIIngress:
             usage = req.stream_options is not None and req.stream_options.include_usage
             return StreamingResponse(sse.completion_events(stream, rid, self.name, req, prefix, ids, usage, self.tt),
                                      media_type="text/event-stream")
-        out = translate.Outputs(req.n)
-        async for batch in stream:
-            for d in batch:
-                out.add(d)
+        out = await _collect(stream, req.n)
         return _json(Completion(id=rid, model=self.name, usage=out.usage(), choices=[
             CompletionChoice(index=i, text=prefix + c.text, finish_reason=c.finish_reason,
                              logprobs=None if req.logprobs is None else translate.completion_logprobs(

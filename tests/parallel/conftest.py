@@ -19,13 +19,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def ep_ckpt(tiny_ckpt_fp32):
-    return tiny_ckpt_fp32
-
-
-@pytest.fixture(scope="session")
-def ref_model(ep_ckpt):
-    return from_pretrained(ep_ckpt, dtype=torch.float32)
+def ref_model(tiny_ckpt_fp32):
+    return from_pretrained(tiny_ckpt_fp32, dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +30,8 @@ def ep_prompts():
 
 
 @pytest.fixture(scope="session")
-def reference_tokens(ep_ckpt, ref_model, ep_prompts):
+def reference_tokens(tiny_ckpt_fp32, ref_model, ep_prompts):
     from raymoe.platform.config import SamplingParams
-    eng = LLMEngine(engine_config(ep_ckpt), model=ref_model)
+    eng = LLMEngine(engine_config(tiny_ckpt_fp32), model=ref_model)
     out = eng.generate(ep_prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     return [o["outputs"][0]["token_ids"] for o in out]

@@ -30,9 +30,9 @@ def _check_engine(eng: LLMEngine, ref_model, ep_prompts, reference_tokens) -> No
 
 @pytest.mark.parametrize("transport", ["local", "ray", "collective"])
 @pytest.mark.parametrize("shards", [1, 2, 4])
-def test_transports_match_single_process(ray_cluster, ep_ckpt, ref_model, ep_prompts, reference_tokens,
+def test_transports_match_single_process(ray_cluster, tiny_ckpt_fp32, ref_model, ep_prompts, reference_tokens,
                                          transport, shards):
-    eng = LLMEngine(engine_config(ep_ckpt, shards, transport))
+    eng = LLMEngine(engine_config(tiny_ckpt_fp32, shards, transport))
     try:
         router_experts = [m.experts.count for m in eng.model.moe_layers()]
         assert router_experts == [0] * len(router_experts)           # the router holds no routed expert
@@ -49,9 +49,9 @@ def test_transports_match_single_process(ray_cluster, ep_ckpt, ref_model, ep_pro
         eng.close()
 
 
-def test_balanced_plan_with_replicas_matches(ray_cluster, ep_ckpt, ref_model, ep_prompts, reference_tokens,
+def test_balanced_plan_with_replicas_matches(ray_cluster, tiny_ckpt_fp32, ref_model, ep_prompts, reference_tokens,
                                              tmp_path):
-    eng = LLMEngine(engine_config(ep_ckpt), model=ref_model)
+    eng = LLMEngine(engine_config(tiny_ckpt_fp32), model=ref_model)
     eng.generate(ep_prompts, GREEDY)
     loads = eng.expert_load()
     assert all(sum(c) > 0 for layer, c in loads.items() if layer < ref_model.config.num_hidden_layers)
@@ -61,7 +61,7 @@ def test_balanced_plan_with_replicas_matches(ray_cluster, ep_ckpt, ref_model, ep
     path = tmp_path / "plan.json"
     plan.save(path)
     for transport in ("local", "ray"):
-        sharded = LLMEngine(engine_config(ep_ckpt, 3, transport, plan=str(path)))
+        sharded = LLMEngine(engine_config(tiny_ckpt_fp32, 3, transport, plan=str(path)))
         try:
             assert sharded.ep.plan == plan
             _check_engine(sharded, ref_model, ep_prompts, reference_tokens)
@@ -69,8 +69,8 @@ def test_balanced_plan_with_replicas_matches(ray_cluster, ep_ckpt, ref_model, ep
             sharded.close()
 
 
-def test_shards_read_only_their_experts(ray_cluster, ep_ckpt):
-    eng = LLMEngine(engine_config(ep_ckpt, 2, "ray"))
+def test_shards_read_only_their_experts(ray_cluster, tiny_ckpt_fp32):
+    eng = LLMEngine(engine_config(tiny_ckpt_fp32, 2, "ray"))
     try:
         for shard, keys in zip(eng.ep.plan.shards, eng.ep.keys_read()):
             want = {(layer, e) for layer, ids in shard.experts.items() for e in ids}
@@ -86,8 +86,8 @@ def test_shards_read_only_their_experts(ray_cluster, ep_ckpt):
         eng.close()
 
 
-def test_expert_load_and_balance_report(ray_cluster, ep_ckpt, ep_prompts):
-    eng = LLMEngine(engine_config(ep_ckpt, 2, "local"))
+def test_expert_load_and_balance_report(ray_cluster, tiny_ckpt_fp32, ep_prompts):
+    eng = LLMEngine(engine_config(tiny_ckpt_fp32, 2, "local"))
     try:
         out = eng.generate(ep_prompts, GREEDY)
         loads = eng.expert_load()
@@ -106,16 +106,16 @@ def test_expert_load_and_balance_report(ray_cluster, ep_ckpt, ep_prompts):
         eng.close()
 
 
-def test_remote_experts_are_never_graphed(ep_ckpt):
-    eng = LLMEngine(engine_config(ep_ckpt, 2, "local").model_copy(update={"enforce_eager": False}))
+def test_remote_experts_are_never_graphed(tiny_ckpt_fp32):
+    eng = LLMEngine(engine_config(tiny_ckpt_fp32, 2, "local").model_copy(update={"enforce_eager": False}))
     assert eng.model.remote_experts() and eng.runner.graphs is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_engine_with_remote_experts_runs_eager_and_matches(ep_ckpt):
+def test_cuda_engine_with_remote_experts_runs_eager_and_matches(tiny_ckpt_fp32):
     from raymoe.platform.config import EngineConfig, ParallelConfig
     from raymoe.platform.engine.cuda_graphs import DecodeGraphs
-    kw = dict(model=str(ep_ckpt), device="cuda", dtype="bfloat16", num_blocks=256, block_size=16)
+    kw = dict(model=str(tiny_ckpt_fp32), device="cuda", dtype="bfloat16", num_blocks=256, block_size=16)
     ref = LLMEngine(EngineConfig(**kw))
     sharded = LLMEngine(EngineConfig(**kw, parallel=ParallelConfig(num_shards=2, transport="local")))
     assert ref.runner.graphs is not None and sharded.runner.graphs is None
@@ -128,12 +128,12 @@ def test_cuda_engine_with_remote_experts_runs_eager_and_matches(ep_ckpt):
     assert [o["outputs"][0]["token_ids"] for o in a] == [o["outputs"][0]["token_ids"] for o in b]
 
 
-def test_cli_generate_with_expert_shards(ep_ckpt):
+def test_cli_generate_with_expert_shards(tiny_ckpt_fp32):
     import subprocess
     import sys
     from pathlib import Path
     exe = Path(sys.executable).parent / "raymoe"
-    base = [str(exe), "generate", "--model", str(ep_ckpt), "--prompt", "Hello there", "--max-tokens", "8"]
+    base = [str(exe), "generate", "--model", str(tiny_ckpt_fp32), "--prompt", "Hello there", "--max-tokens", "8"]
     plain = subprocess.run(base, capture_output=True, text=True, timeout=300)
     sharded = subprocess.run(base + ["--ep", "2", "--transport", "local", "--balance"], capture_output=True,
                              text=True, timeout=300)

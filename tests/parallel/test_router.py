@@ -13,8 +13,8 @@ from raymoe.platform.parallel.plan import PlacementPlan
 from raymoe.platform.parallel.router import start_router
 
 
-def _reference(ref_model, ep_ckpt, prompt, n):
-    eng = LLMEngine(engine_config(ep_ckpt, num_blocks=400), model=ref_model)
+def _reference(ref_model, tiny_ckpt_fp32, prompt, n):
+    eng = LLMEngine(engine_config(tiny_ckpt_fp32, num_blocks=400), model=ref_model)
     return eng.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0]["outputs"][0]
 
 
@@ -45,11 +45,11 @@ class Stream:
             time.sleep(0.01)
 
 
-def test_replan_2_4_3_while_streaming(ray_cluster, ep_ckpt, ref_model, ep_prompts):
+def test_replan_2_4_3_while_streaming(ray_cluster, tiny_ckpt_fp32, ref_model, ep_prompts):
     ray = ray_cluster
     n = 1000
-    ref = _reference(ref_model, ep_ckpt, ep_prompts[1], n)["token_ids"]
-    cfg = engine_config(ep_ckpt, 2, "ray", num_blocks=400)
+    ref = _reference(ref_model, tiny_ckpt_fp32, ep_prompts[1], n)["token_ids"]
+    cfg = engine_config(tiny_ckpt_fp32, 2, "ray", num_blocks=400)
     router = start_router(cfg)
     try:
         layers = ray.get(router.plan.remote())["layers"]
@@ -71,12 +71,12 @@ def test_replan_2_4_3_while_streaming(ray_cluster, ep_ckpt, ref_model, ep_prompt
 
 
 @pytest.mark.parametrize("transport", ["ray", "collective"])
-def test_killed_shard_restarts_and_requests_go_on(ray_cluster, ep_ckpt, ref_model, ep_prompts, transport):
+def test_killed_shard_restarts_and_requests_go_on(ray_cluster, tiny_ckpt_fp32, ref_model, ep_prompts, transport):
     ray = ray_cluster
     n = 300
-    ref = _reference(ref_model, ep_ckpt, ep_prompts[2], n)["token_ids"]
+    ref = _reference(ref_model, tiny_ckpt_fp32, ep_prompts[2], n)["token_ids"]
     deadline = 30.0
-    router = start_router(engine_config(ep_ckpt, 2, transport, step_deadline_s=deadline))
+    router = start_router(engine_config(tiny_ckpt_fp32, 2, transport, step_deadline_s=deadline))
     try:
         stream = Stream(ray, router, ep_prompts[2], n)
         stream.wait_for(10)
