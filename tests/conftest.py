@@ -16,6 +16,19 @@ def _write(root: Path, name: str, **kw) -> Path:
     return write_tiny_checkpoint(root / name, TinySpec(**kw))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a whole test module, as each Ray worker and shard has: on a shared 2-core
+    machine two threads that wait on each other at every op make the tiny model's many small ops several times
+    slower. Folders and modules opt in (an autouse fixture in their conftest, or `pytestmark`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The test session's one local Ray instance (address='local': never a cluster someone else started), shared by

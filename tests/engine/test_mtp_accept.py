@@ -19,16 +19,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 # cycle pieces of several lengths (one long enough to be prefilled in chunks) and one prompt that starts off the cycle
 PROMPTS = [cycle_text(0, 5), cycle_text(3, 17), cycle_text(7, 9), cycle_text(11, 30), cycle_text(5, 2),
            [17, 901, 250, 33, 611] + cycle_text(9, 4)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads that wait on each other at every op make
-    the tiny model's many small steps several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: the many small steps run on one thread
 
 
 @pytest.fixture(scope="module")

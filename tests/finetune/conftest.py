@@ -10,14 +10,10 @@ import torch
 from ft_helpers import QA
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as each Ray Train worker has: on a shared 2-core machine two threads that wait on
-    each other at every op make the tiny model 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_here(one_thread):
+    """Every finetune test runs on one intra-op thread, as each Ray Train worker does."""
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,10 @@ from raymoe.platform.engine import LLMEngine
 from raymoe.platform.model import from_pretrained
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread in the router (the test process), as in each shard: 2 cores shared by many."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_here(one_thread):
+    """Every expert-parallel test runs the router (this process) on one intra-op thread, as each shard does."""
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
