@@ -100,15 +100,6 @@ class CheckpointSpec(_Strict):
     max_failures: int = Field(2, ge=-1, description="FailureConfig(max_failures): worker-group restarts")
 
 
-class DebugConfig(_Strict):
-    """Fault injection for tests: the worker process of `fail_rank` exits after optimizer step `fail_at_step`
-    (once the controller has committed the checkpoint before it) unless the attempt started from a checkpoint
-    (so a resumed run goes on)."""
-
-    fail_at_step: int | None = Field(None, gt=0)
-    fail_rank: int = Field(0, ge=0)
-
-
 class JobConfig(_Strict):
     name: str = Field("raymoe-finetune", pattern=r"^[A-Za-z0-9_.-]+$")
     model: str = Field(description="HF DeepSeek-V3 checkpoint directory")
@@ -129,7 +120,6 @@ class JobConfig(_Strict):
     eval_every: int | None = Field(None, gt=0, description="steps between validation passes (and at the end)")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    debug: DebugConfig = Field(default_factory=DebugConfig)
 
     @model_validator(mode="after")
     def _fsdp2_lora_only(self) -> "JobConfig":

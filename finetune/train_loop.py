@@ -11,7 +11,6 @@ interrupted. It does not prepare data (the driver tokenizes once and passes rows
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -186,8 +185,6 @@ def train_loop_per_worker(config: dict) -> dict:
         record = trainer.run(state.step)
         state.step, state.tokens = record["step"], state.tokens + record["tokens"]
         state.train_time_s += record["step_time_s"]
-        if job.debug.fail_at_step == state.step and resumed is None and rank == job.debug.fail_rank:
-            _crash_after_commit(state.step, job.checkpoint.every_steps, rank)
         last = state.step == steps
         if len(val_rows) and (last or (job.eval_every and state.step % job.eval_every == 0)):
             record["val_loss"], val_mtp = evaluate(objective, val_rows, job.batch.micro_size, world, rank, pad_id,
@@ -229,30 +226,6 @@ def _report(job: JobConfig, record: dict, state: TrainState, net, optimizer, sch
                          base_model=job.model, dtype=getattr(torch, job.dtype), gathered=gathered)
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_step_{state.step:07d}")
-
-
-def _crash_after_commit(step: int, every_steps: int, rank: int, timeout_s: float = 120.0) -> None:
-    """Fault injection: exit this worker process abruptly once the controller has committed the latest
-    checkpoint before `step`. Ray Train collects reports by polling each worker (every 2 s by default), so a
-    worker that dies right after reporting can take its last report with it; waiting for the committed
-    snapshot makes the test's crash land at a known checkpoint instead of racing the poll."""
-    import ray.train
-    last = step // every_steps * every_steps
-    if last:
-        storage = ray.train.get_context().get_storage()
-        snapshot = storage.checkpoint_manager_snapshot_path
-        want = f"checkpoint_step_{last:07d}"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                with storage.storage_filesystem.open_input_stream(snapshot) as f:
-                    if want in f.read().decode("utf-8"):
-                        break
-            except FileNotFoundError:
-                pass
-            time.sleep(0.2)
-    print(f"fault injection: worker {rank} exits after step {step}", flush=True)
-    os._exit(1)
 
 
 def _progress(total: int, initial: int):

@@ -1,6 +1,13 @@
 """Helpers shared by the finetuning tests (a plain module: test files import it by name)."""
 from __future__ import annotations
 
+import contextlib
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,3 +48,37 @@ def assert_adapter_toggles(pm, base_ckpt, ids) -> None:
         with pm.disable_adapter():
             assert (pm.get_base_model()(ids) - base).abs().max() < 1e-5
         assert (pm.get_base_model()(ids) - base).abs().max() > 1e-2
+
+
+def train_worker_pids() -> set[int]:
+    """Pids of the live Ray Train worker actors of the session's cluster, from the GCS actor table (the public
+    `ray.util.state.list_actors` goes through the dashboard, which the test cluster does not start)."""
+    from ray._private.state import actors
+    return {a["Pid"] for a in actors().values()
+            if a["ActorClassName"].endswith("RayTrainWorker") and a["State"] == "ALIVE"}
+
+
+@contextlib.contextmanager
+def kill_a_worker_after_first_commit(job) -> Iterator[list[int]]:
+    """While the body runs `job`: once Ray Train's controller has committed the job's first checkpoint, wait a
+    random 0-0.5 s and SIGKILL one of the job's train worker processes, chosen at random, from outside (wherever
+    training then is). Yields the list that receives the killed pid (empty if no worker was alive to kill)."""
+    snapshot = Path(job.storage_path) / job.name / "checkpoint_manager_snapshot.json"   # Ray Train's commit log
+    before, killed = train_worker_pids(), []
+
+    def kill_one() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (snapshot.is_file() and "checkpoint_step_" in snapshot.read_text()):
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 0.5))
+        pids = sorted(train_worker_pids() - before)
+        if pids:
+            killed.append(random.choice(pids))
+            os.kill(killed[-1], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    try:
+        yield killed
+    finally:
+        killer.join()

@@ -1,13 +1,8 @@
 """Jobs on a local Ray with 2 workers (gloo DDP): LoRA learns fixed answers, the adapter is a real PEFT adapter,
-a worker killed mid-run resumes exactly, and mode full trains the MTP module and the expert biases."""
+a worker SIGKILLed from outside mid-run resumes exactly, and mode full trains the MTP module and the expert biases."""
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +16,7 @@ from raymoe.finetune.launcher import JobError, run
 from raymoe.platform.checkpoint.adapter import apply_adapter
 from raymoe.platform.model import from_pretrained
 
-from ft_helpers import CONFIGS, QA, REPO, greedy
+from ft_helpers import CONFIGS, QA, REPO, greedy, kill_a_worker_after_first_commit
 
 
 def _job(model: Path, out: Path, *overrides: str):
@@ -63,30 +58,6 @@ def test_lora_job_learns_the_answers(reference, tiny32, qa_pairs):
     assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-5
 
 
-def test_worker_killed_midway_resumes_to_the_same_adapter(reference, tiny32, tmp_path):
-    """Worker 1 exits (os._exit) after step 30; Ray Train restarts the group from the step-20 checkpoint; the
-    final adapter equals the uninterrupted run's."""
-    ref_job, ref = reference
-    job = _job(tiny32, tmp_path / "out", "debug.fail_at_step=30", "debug.fail_rank=1")
-    summary = run(job)
-    assert summary["resumed_at_steps"] == [20] and summary["steps"] == 60
-    a = load_file(str(Path(ref_job.output_dir) / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and len(a) > 0
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-6, worst
-    losses = lambda d: [json.loads(x)["loss"] for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
-    assert losses(job.output_dir) == pytest.approx(losses(ref_job.output_dir), rel=1e-6)
-
-
-def _train_worker_pids() -> set[int]:
-    """Pids of the live Ray Train worker actors of the session's cluster, from the GCS actor table (the public
-    `ray.util.state.list_actors` goes through the dashboard, which the test cluster does not start)."""
-    from ray._private.state import actors
-    return {a["Pid"] for a in actors().values()
-            if a["ActorClassName"].endswith("RayTrainWorker") and a["State"] == "ALIVE"}
-
-
 def test_worker_killed_from_outside_resumes_to_the_same_adapter(reference, tiny32, tmp_path):
     """SIGKILL from the test to one Ray Train worker process, a random short delay after the controller committed
     the first checkpoint (wherever training then is): the group restarts from the latest committed checkpoint and
@@ -95,23 +66,8 @@ def test_worker_killed_from_outside_resumes_to_the_same_adapter(reference, tiny3
     # a checkpoint every 10 steps (the reference: 20; the math is the same) spreads the 60 fast steps over more
     # wall time, so the kill lands mid-training, after a committed checkpoint
     job = _job(tiny32, tmp_path / "out", "checkpoint.every_steps=10")
-    snapshot = Path(job.storage_path) / job.name / "checkpoint_manager_snapshot.json"   # Ray Train's commit log
-    before, killed = _train_worker_pids(), []
-
-    def kill_one():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not (snapshot.is_file() and "checkpoint_step_" in snapshot.read_text()):
-            time.sleep(0.05)
-        time.sleep(random.uniform(0.0, 0.5))
-        pids = sorted(_train_worker_pids() - before)
-        if pids:
-            killed.append(random.choice(pids))
-            os.kill(killed[-1], signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_one, daemon=True)
-    killer.start()
-    summary = run(job)
-    killer.join()
+    with kill_a_worker_after_first_commit(job) as killed:
+        summary = run(job)
     assert killed, "no train worker was alive to kill"
     assert summary["steps"] == 60 and len(summary["resumed_at_steps"]) == 1, summary
     assert summary["resumed_at_steps"][0] in range(10, 60, 10)
@@ -126,15 +82,20 @@ def test_worker_killed_from_outside_resumes_to_the_same_adapter(reference, tiny3
 
 
 def test_resubmitted_job_resumes_from_its_last_checkpoint(reference, tiny32, tmp_path):
-    """A job that fails for good (worker 1 exits after step 30, no retries left) and is then submitted again with
-    the same name and storage resumes from the step-20 checkpoint and ends with the uninterrupted run's adapter."""
+    """A job that fails for good (a train worker SIGKILLed from outside after the first committed checkpoint, no
+    retries left) and is then submitted again with the same name and storage resumes from its last committed
+    checkpoint and ends with the uninterrupted run's adapter, steps 1..60 each recorded once."""
     ref_job, _ = reference
-    failing = _job(tiny32, tmp_path / "out", "debug.fail_at_step=30", "debug.fail_rank=1",
-                   "checkpoint.max_failures=0")
+    failing = _job(tiny32, tmp_path / "out", "checkpoint.every_steps=10", "checkpoint.max_failures=0")
     with pytest.raises(JobError, match="training failed"):
-        run(failing)
-    summary = run(_job(tiny32, tmp_path / "out"))
-    assert summary["resumed_at_steps"] == [20] and summary["steps"] == 60
+        with kill_a_worker_after_first_commit(failing) as killed:
+            run(failing)
+    assert killed, "no train worker was alive to kill"
+    summary = run(_job(tiny32, tmp_path / "out", "checkpoint.every_steps=10"))
+    assert summary["steps"] == 60 and len(summary["resumed_at_steps"]) == 1, summary
+    assert summary["resumed_at_steps"][0] in range(10, 60, 10)
+    metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 61))
     a = load_file(str(Path(ref_job.output_dir) / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) > 0
@@ -142,13 +103,16 @@ def test_resubmitted_job_resumes_from_its_last_checkpoint(reference, tiny32, tmp
 
 
 def test_fsdp2_trains_like_ddp_and_resumes(reference, tiny32, tmp_path):
-    """scaling.strategy=fsdp2 (weights, gradients and AdamW state sharded over the 2 workers), with worker 1
-    killed after step 30: it resumes from the gathered step-20 checkpoint and ends where DDP ends."""
+    """scaling.strategy=fsdp2 (weights, gradients and AdamW state sharded over the 2 workers), with a train worker
+    SIGKILLed from outside after the first committed checkpoint: it resumes from the latest gathered checkpoint and
+    ends where DDP ends."""
     ref_job, ref = reference
-    job = _job(tiny32, tmp_path / "out", "scaling.strategy=fsdp2", "debug.fail_at_step=30", "debug.fail_rank=1",
-               "eval_every=20")
-    summary = run(job)
-    assert summary["resumed_at_steps"] == [20] and summary["steps"] == 60
+    job = _job(tiny32, tmp_path / "out", "scaling.strategy=fsdp2", "checkpoint.every_steps=10", "eval_every=20")
+    with kill_a_worker_after_first_commit(job) as killed:
+        summary = run(job)
+    assert killed, "no train worker was alive to kill"
+    assert summary["steps"] == 60 and len(summary["resumed_at_steps"]) == 1, summary
+    assert summary["resumed_at_steps"][0] in range(10, 60, 10)
     a = load_file(str(Path(ref_job.output_dir) / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) > 0
