@@ -45,7 +45,8 @@ def test_logits_match_transformers(write_ckpt, case):
         for path_kind in ("naive", "absorbed"):
             a = ours(prompts, path=path_kind)
             b = ref(prompts).logits
-            assert rel_err(a, b) <= 1e-4, (case, path_kind, rel_err(a, b))
+            # measured 0.4-0.5e-6 (naive) and 1.1-1.4e-6 (absorbed) over the three cases: README's "~1e-6"
+            assert rel_err(a, b) <= 1e-5, (case, path_kind, rel_err(a, b))
         # logits are not flat: greedy comparisons below are meaningful
         top2 = b.topk(2, dim=-1).values
         assert (top2[..., 0] - top2[..., 1]).median() > 0.02

@@ -15,7 +15,10 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None   # None: float32 on CPU, bfloat16 on CUDA
+    # None: float32 on CPU, bfloat16 on CUDA. bfloat16 on the CPU: weights, activations and the latent cache in bf16
+    # (oneDNN GEMMs, AMX / AVX-512-BF16 where the CPU has them; with cpu_compile the frozen weights are prepacked),
+    # the gates' logits, scores and top-k, norm statistics and attention softmax in fp32
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     device: str = "cpu"
     block_size: int = Field(16, gt=0)
     num_blocks: int | None = Field(None, gt=0)        # None: sized from kv_cache_memory_gb
