@@ -132,8 +132,10 @@ def main() -> None:
                     times.setdefault((name, c), []).append(res["seconds"])
                     if c == max(conc):
                         tokens[name] = res["tokens"]
-            print(f"round {r + 1}/{a.rounds} done, load {Path('/proc/loadavg').read_text().split()[:3]}",
-                  file=sys.stderr, flush=True)
+            done = {f"{n}@{c}": v for (n, c), v in times.items()}
+            Path(a.out).with_suffix(".partial.json").write_text(json.dumps({"seconds": done, "load": load}))
+            print(f"round {r + 1}/{a.rounds} done, load {Path('/proc/loadavg').read_text().split()[:3]}: "
+                  f"{json.dumps(done)}", file=sys.stderr, flush=True)
         load.append(Path("/proc/loadavg").read_text().split()[:3])
     finally:
         for e in engines.values():
