@@ -7,7 +7,11 @@
 #       OUT_DIR    default /tmp/raymoe-peers: prompts.json, hf.json, vllm.json (each the peer's JSON line),
 #                  *.log (their stderr)
 #   env: MAX_TOKENS (64), CONCURRENCY (1,8,32), REPEATS (3), N_PROMPTS (32), SEED (0), PEERS ("hf vllm"),
-#        HF_ARGS / VLLM_ARGS (extra arguments, e.g. HF_ARGS="--threads 1 --eos ignore")
+#        HF_ARGS / VLLM_ARGS (extra arguments, e.g. HF_ARGS="--threads 1 --eos ignore --cache static";
+#        on CPUs with AMX vLLM needs VLLM_ARGS="--dtype bfloat16", and "--compilation default" is its best mode)
+#
+# benchmarks/cpu_decode.py is the comparison with raymoe (all engines interleaved in one run); this script runs
+# the peers alone, one after another.
 #
 # The peers run one after another, never together: on 2 cores anything else running skews the timings.
 set -euo pipefail
