@@ -6,6 +6,11 @@ tokenizer and vocabulary; the async engine calls it at admission, in a worker th
 inside `step()`. `GrammarState` is one sequence's matcher: it advances only with committed tokens (MTP drafts are
 tried, then rolled back). Each constrained logits row gets one bitmask row, and `apply_bitmask` masks them all in one
 call (xgrammar's kernel; no Python loop over the vocabulary). This module never schedules, samples or sees HTTP.
+
+JSON outputs (schemas, json_object, tool-call arguments) also never take a token holding a raw control character
+other than a newline: xgrammar 0.2.9 lets length-bounded JSON strings (`maxLength`) take raw tabs and other C0
+characters, which RFC 8259 forbids and strict parsers (json.loads, pydantic) refuse (xgrammar issue #800). Compact
+JSON needs none of them, and the tool-call envelope needs only newlines.
 """
 from __future__ import annotations
 
@@ -14,9 +19,13 @@ import re
 import threading
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from raymoe.platform.config import GrammarSpec
+
+JSON_KINDS = ("json_schema", "json_object", "structural_tag")
+_CONTROL = set(range(0x20)) - {0x0A}          # C0 characters but the newline
 
 
 class GrammarError(ValueError):
@@ -40,6 +49,12 @@ class GrammarCache:
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids))
         self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
+        # [ceil(vocab / 32)] int32: the tokens a JSON output may take (no raw control characters; see above)
+        ok = np.ones(-(-vocab_size // 32) * 32, dtype=bool)
+        for t, b in enumerate(info.decoded_vocab):
+            if _CONTROL.intersection(b):
+                ok[t] = False
+        self.json_tokens = torch.from_numpy(np.packbits(ok, bitorder="little").view(np.int32).copy())
         self._cache: OrderedDict[GrammarSpec, object] = OrderedDict()
         self._lock = threading.Lock()
         self.capacity = capacity
@@ -93,11 +108,13 @@ class GrammarCache:
 
 
 class GrammarState:
-    """One sequence's position in its grammar. Advanced with committed tokens only."""
+    """One sequence's position in its grammar. Advanced with committed tokens only. `allowed`: a bitmask row that
+    further limits every fill (GrammarCache.json_tokens for JSON outputs), or None."""
 
-    def __init__(self, compiled) -> None:
+    def __init__(self, compiled, allowed: torch.Tensor | None = None) -> None:
         import xgrammar as xgr
         self.matcher = xgr.GrammarMatcher(compiled)
+        self.allowed = allowed
 
     @property
     def terminated(self) -> bool:
@@ -113,6 +130,8 @@ class GrammarState:
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the tokens allowed next into bitmask[row]."""
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.allowed is not None:
+            bitmask[row] &= self.allowed
 
     def rollback(self, n: int) -> None:
         if n:

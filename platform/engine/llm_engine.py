@@ -18,7 +18,8 @@ import torch
 from raymoe.platform.config import EngineConfig, GrammarSpec, SamplingParams
 from raymoe.platform.engine.block_manager import BlockManager
 from raymoe.platform.engine.detokenizer import IncrementalDetokenizer
-from raymoe.platform.engine.grammar import GrammarCache, GrammarError, GrammarState, allocate_bitmask, apply_bitmask
+from raymoe.platform.engine.grammar import (JSON_KINDS, GrammarCache, GrammarError, GrammarState, allocate_bitmask,
+                                            apply_bitmask)
 from raymoe.platform.engine.model_runner import ModelRunner
 from raymoe.platform.engine.sampler import (accept_greedy, apply_penalties, draw, needs_penalties, processed_probs,
                                             top_logprobs, verify_drafts)
@@ -127,7 +128,9 @@ class LLMEngine:
         seqs = [Sequence(request_id, prompt_ids, params, i) for i in range(params.n)]
         self.requests[request_id] = seqs
         for s in seqs:
-            s.grammar = None if params.grammar is None else GrammarState(grammar)
+            if params.grammar is not None:
+                s.grammar = GrammarState(grammar, self._grammars.json_tokens if params.grammar.kind in JSON_KINDS
+                                         else None)
             detok = None if self.tokenizer is None else IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, params.skip_special_tokens)
             self.outs[s.seq_id] = _Out(detok)
