@@ -111,7 +111,8 @@ def _json(body) -> Response:
 def _chat_choice(i: int, c: translate.Choice, shape: tuple[bool, bool, bool], logprobs) -> ChatChoice:
     """One non-streamed chat choice: its text split into reasoning, content and tool calls."""
     p = chat_output.parse(c.text, *shape, final=True)
-    calls = [ToolCall(id=x.id, function=FunctionCallOut(name=x.name, arguments=x.arguments)) for x in p.calls]
+    calls = [ToolCall(id=x.id, function=FunctionCallOut(name=x.name, arguments=x.arguments)) for x in p.calls
+             if x.complete]                   # a call cut off by max_tokens is left out (finish_reason: length)
     finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
     return ChatChoice(index=i, message=AssistantMessage(content=None if calls and not p.content else p.content,
                                                        reasoning=p.reasoning, tool_calls=calls),

@@ -2,8 +2,9 @@
 `tool_choice` (`required` or a named function) turned into one GrammarSpec for the engine.
 
 Each spec is canonical text (compact JSON for schemas), so equal constraints share one compiled grammar in the
-engine's cache. Tool calls use xgrammar's DeepSeek structural tag (the format of DeepSeek-V3's tool-call markers,
-which R1 shares), built from the tools' parameter schemas so the arguments always parse. Only checks that need no
+engine's cache. Tool calls use xgrammar's DeepSeek-R1 structural tag (DeepSeek-V3's tool-call format, which R1
+shares), built from the tools' parameter schemas so the arguments always parse, with the markers bound to their
+single tokens (spelled out byte by byte, a marker costs dozens of tokens). Only checks that need no
 compiling happen here (shapes, unknown tool names, conflicting fields: a 400 naming the field); whether xgrammar
 takes a schema or regex is decided where it compiles, and a refusal comes back as a 400 too. No HTTP, no Ray.
 """
@@ -11,11 +12,22 @@ from __future__ import annotations
 
 import json
 
+import xgrammar as xgr
+from xgrammar.builtin_structural_tag import get_deepseek_r1_structural_tag
+
 from raymoe.deployments.errors import APIError
 from raymoe.deployments.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
+from raymoe.platform.checkpoint.tokenizer import (TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END,
+                                                  TOOL_SEP)
 from raymoe.platform.config import GrammarSpec
 
-TOOL_FORMAT = "deepseek_r1"      # xgrammar's builtin structural tag for DeepSeek-V3/R1's tool-call markers
+TOOL_FORMAT = "raymoe_deepseek_v3"   # xgrammar's DeepSeek-R1 tag, its markers declared as single tokens
+
+
+@xgr.register_model_structural_tag(TOOL_FORMAT, marker_tokens=[TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN,
+                                                               TOOL_CALL_END, TOOL_SEP])
+def _deepseek_v3_tag(*args, **kw):
+    return get_deepseek_r1_structural_tag(*args, **kw)
 
 
 def _compact(obj) -> str:
@@ -79,15 +91,16 @@ def tool_grammar(req: ChatCompletionRequest, mode: str) -> GrammarSpec | None:
     parallel_tool_calls is false; `named`: that function), arguments constrained by each tool's schema."""
     if mode not in ("required", "named"):
         return None
-    import xgrammar as xgr
     tools = [t.model_dump(exclude_none=True) for t in req.tools]
     for t in tools:
         if "parameters" in t["function"]:
             _schema(t["function"]["parameters"], f"tools.{t['function']['name']}.parameters")
     choice = req.tool_choice.model_dump() if mode == "named" else "required"
     try:
+        # at most one whitespace character in a row inside the arguments (a model's runs of it never end the call)
         tag = xgr.get_model_structural_tag(TOOL_FORMAT, tools=tools, tool_choice=choice, reasoning="disabled",
-                                           parallel_tool_calls=req.parallel_tool_calls)
+                                           max_whitespace_cnt=1, parallel_tool_calls=req.parallel_tool_calls,
+                                           token_markers=True)
     except Exception as e:                     # noqa: BLE001 (xgrammar's check of tools and tool_choice)
         raise APIError(400, f"invalid tools: {str(e).splitlines()[0]}", "tools") from None
     return GrammarSpec(kind="structural_tag", value=tag.model_dump_json())

@@ -11,7 +11,7 @@ import enum
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Annotated, Literal
 
 import httpx
 import pytest
@@ -63,8 +63,11 @@ class Tags(BaseModel):
     tags: list[Literal["a", "b", "c"]] = Field(max_length=3)
 
 
+Small = Annotated[int, Field(ge=0, le=99)]      # a random model writes unbounded integers until max_tokens
+
+
 class Numbers(BaseModel):
-    values: list[int] = Field(max_length=4)
+    values: list[Small] = Field(max_length=4)
 
 
 class Segment(BaseModel):
@@ -105,7 +108,7 @@ class Survey(BaseModel):
 
 
 class Matrix(BaseModel):
-    rows: list[list[int]] = Field(max_length=2)
+    rows: list[Annotated[list[Small], Field(max_length=3)]] = Field(max_length=2)
 
 
 class Config(BaseModel):
@@ -214,7 +217,7 @@ def test_reasoning_is_split_from_content(served):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
      "response_format", "nonsense"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1, 2]}}},
-     "response_format.json_schema.schema", "JSON object"),
+     "response_format.json_schema.schema", "valid dictionary"),
     ({"structured_outputs": {"regex": "(?<=a)b"}}, "structured_outputs.regex", "Lookbehind"),
     ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs.grammar", "undefined_rule"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
