@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 SInt = Annotated[int, Strict()]
 SFloat = Annotated[float, Strict()]      # strict floats still take JSON integers
@@ -104,18 +104,25 @@ class ToolCallIn(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: SStr | list[TextPart] | None = None
+    content: SStr | list[TextPart] | None = Field(None, validate_default=True)
     name: SStr | None = None
     tool_calls: list[ToolCallIn] | None = None          # assistant turns that called tools
     tool_call_id: SStr | None = None                    # tool results
     reasoning: SStr | None = None                       # an earlier turn's reasoning (not rendered)
 
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v, info):
+        if v is None and info.data.get("role") != "assistant":   # an assistant turn may hold only tool calls
+            raise ValueError(f"a {info.data.get('role')!r} message needs 'content'")
+        return v
+
     @model_validator(mode="after")
-    def _content(self):
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role!r} message needs 'content'")
+    def _calls(self):
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError("only assistant messages carry 'tool_calls'")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs 'content' or 'tool_calls'")
         return self
 
     def text(self) -> str:
