@@ -3,9 +3,9 @@
 It owns the routes, the API key and body-size guard, tokenization (chat template, tools included), the context
 check, the request's grammar (structured.py: response_format, structured_outputs, forced tool calls), dispatch to
 the ModelServer deployment through a streaming handle, SSE framing, splitting chat output into reasoning, content
-and tool calls (chat_output.py) and request timing for /metrics. Capacity is
-Serve's: a model replica takes `max_ongoing_requests`, the handle queues up to `max_queued_requests`, and beyond
-that Serve's BackPressureError becomes a 429 with Retry-After at once. The ingress waits for a request's first
+and tool calls (chat_output.py) and request timing for /metrics. Capacity is Serve's: a model replica takes
+`max_ongoing_requests`, the handle queues up to `max_queued_requests`, and beyond that Serve's BackPressureError
+becomes a 429 with Retry-After at once. The ingress waits for a request's first
 delta before answering, so any refusal is an HTTP status, not an error inside a 200 stream. A client that leaves
 mid-stream cancels the handle call, which aborts the request in the engine. SSE framing is sse.py's. It never
 runs the model itself.
