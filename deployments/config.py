@@ -55,6 +55,7 @@ class ServeAppConfig(BaseModel):
     api_key_env: str | None = None             # name of the env var holding the API key; None: no key needed
     max_request_bytes: int = Field(8 * 2 ** 20, ge=1024)   # larger bodies get 413
     default_max_tokens: int = Field(4096, ge=1)  # when a chat request gives none: min(this, the context left)
+    reasoning: bool = False                    # split <think>...</think> from chat content into `reasoning`
     metrics_interval_s: float = Field(1.0, gt=0)   # how often each replica reports engine gauges
     runtime_env: dict[str, Any] = Field(default_factory=dict)   # Ray runtime_env of every replica (env_vars...)
 

@@ -1,9 +1,11 @@
 """OpenAIIngress: the HTTP front (FastAPI under @serve.ingress), OpenAI- and vLLM-compatible.
 
-It owns the routes, the API key and body-size guard, tokenization (chat template), the context check, dispatch to
-the ModelServer deployment through a streaming handle, SSE framing and request timing for /metrics. Capacity is
-Serve's: a model replica takes `max_ongoing_requests`, the handle queues up to `max_queued_requests`, and beyond
-that Serve's BackPressureError becomes a 429 with Retry-After at once. The ingress waits for a request's first
+It owns the routes, the API key and body-size guard, tokenization (chat template, tools included), the context
+check, the request's grammar (structured.py: response_format, structured_outputs, forced tool calls), dispatch to
+the ModelServer deployment through a streaming handle, SSE framing, splitting chat output into reasoning, content
+and tool calls (chat_output.py) and request timing for /metrics. Capacity is Serve's: a model replica takes
+`max_ongoing_requests`, the handle queues up to `max_queued_requests`, and beyond that Serve's BackPressureError
+becomes a 429 with Retry-After at once. The ingress waits for a request's first
 delta before answering, so any refusal is an HTTP status, not an error inside a 200 stream. A client that leaves
 mid-stream cancels the handle call, which aborts the request in the engine. SSE framing is sse.py's. It never
 runs the model itself.
@@ -22,13 +24,15 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
-from raymoe.deployments import errors, sse, translate
+from raymoe.deployments import chat_output, errors, sse, structured, translate
 from raymoe.deployments.config import ServeAppConfig
 from raymoe.deployments.errors import APIError, error_response
 from raymoe.deployments.metrics import RequestMetrics
 from raymoe.deployments.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest,
                                          Completion, CompletionChoice, CompletionRequest, DetokenizeRequest,
-                                         DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+                                         DetokenizeResponse, FunctionCallOut, ModelCard, ModelList, TokenizeRequest,
+                                         TokenizeResponse, ToolCall)
+from raymoe.platform.checkpoint.tokenizer import THINK_BEGIN
 from raymoe.platform.config import ModelConfig
 from raymoe.platform.engine import RequestError
 
@@ -104,6 +108,17 @@ def _json(body) -> Response:
 
 
 
+def _chat_choice(i: int, c: translate.Choice, shape: tuple[bool, bool, bool], logprobs) -> ChatChoice:
+    """One non-streamed chat choice: its text split into reasoning, content and tool calls."""
+    p = chat_output.parse(c.text, *shape, final=True)
+    calls = [ToolCall(id=x.id, function=FunctionCallOut(name=x.name, arguments=x.arguments)) for x in p.calls
+             if x.complete]                   # a call cut off by max_tokens is left out (finish_reason: length)
+    finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+    return ChatChoice(index=i, message=AssistantMessage(content=None if calls and not p.content else p.content,
+                                                       reasoning=p.reasoning, tool_calls=calls),
+                      finish_reason=finish, logprobs=logprobs)
+
+
 async def _collect(stream, n: int) -> translate.Outputs:
     """A non-streamed request's choices, gathered from the replica's batches of deltas."""
     out = translate.Outputs(n)
@@ -173,21 +188,26 @@ class OpenAIIngress:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
-        ids = await self._encode(translate.chat_prompt_ids, req.messages, sum(len(m.text()) for m in req.messages))
+        mode = structured.tool_mode(req)
+        grammar, field = structured.request_grammar(req, mode)
+        ids = await self._encode(lambda tok, msgs: translate.chat_prompt_ids(tok, msgs, req.tools), req.messages,
+                                 sum(len(m.text()) for m in req.messages))
         asked = req.max_completion_tokens or req.max_tokens
         translate.check_context(len(ids), asked, self.max_model_len, "messages")
         max_tokens = asked or min(self.cfg.default_max_tokens, self.max_model_len - len(ids))
-        params = translate.sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = translate.sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                           grammar)
+        # (reasoning split, output starts inside <think>, parse tool calls)
+        shape = (self.cfg.reasoning, self.cfg.reasoning and self._ends_in_think(ids), mode != "none")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self._start(ids, params, rid)
+        stream = await self._start(ids, params, rid, field)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(sse.chat_events(stream, rid, self.name, req.n, usage, self.tt),
+            return StreamingResponse(sse.chat_events(stream, rid, self.name, req.n, usage, self.tt, shape),
                                      media_type="text/event-stream")
         out = await _collect(stream, req.n)
         return _json(ChatCompletion(id=rid, model=self.name, usage=out.usage(), choices=[
-            ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                       logprobs=translate.chat_logprobs(self.tt, c.logprobs) if req.logprobs else None)
+            _chat_choice(i, c, shape, translate.chat_logprobs(self.tt, c.logprobs) if req.logprobs else None)
             for i, c in enumerate(out.choices)]))
 
     @app.post("/v1/completions")
@@ -198,9 +218,10 @@ class OpenAIIngress:
         self._check_ids(ids, "prompt")
         translate.check_context(len(ids), req.max_tokens, self.max_model_len, "prompt")
         max_tokens = req.max_tokens or min(self.cfg.default_max_tokens, self.max_model_len - len(ids))
-        params = translate.sampling_params(req, max_tokens, req.logprobs)
+        grammar, field = structured.request_grammar(req)
+        params = translate.sampling_params(req, max_tokens, req.logprobs, grammar)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = await self._start(ids, params, rid)
+        stream = await self._start(ids, params, rid, field)
         prefix = self.tokenizer.decode(ids, skip_special_tokens=True) if req.echo else ""
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
@@ -230,8 +251,12 @@ class OpenAIIngress:
             return await asyncio.to_thread(fn, self.tokenizer, arg)
         return fn(self.tokenizer, arg)
 
-    async def _start(self, ids: list[int], params, rid: str) -> AsyncIterator:
-        """Dispatch to a model replica and wait for its first output: refusals become HTTP errors here."""
+    def _ends_in_think(self, ids: list[int]) -> bool:
+        return self.tokenizer.decode(ids[-4:], skip_special_tokens=False).rstrip().endswith(THINK_BEGIN)
+
+    async def _start(self, ids: list[int], params, rid: str, grammar_field: str | None = None) -> AsyncIterator:
+        """Dispatch to a model replica and wait for its first output: refusals become HTTP errors here (a grammar
+        the replica cannot compile is a 400 naming `grammar_field`)."""
         t0 = time.perf_counter()
         gen = self.model.generate.remote(ids, params, rid)
         try:
@@ -243,6 +268,10 @@ class OpenAIIngress:
             err = self._refusal(e)
             if err is None:
                 raise
+            if err.status == 400 and grammar_field and err.message.startswith("invalid "):
+                err.param = grammar_field
+                if grammar_field == "tool_choice":
+                    err.message = err.message.replace("invalid structural tag", "invalid tool parameter schema")
             self.buffer.count(str(err.status), 1, "rejected")
             raise err from None
         return self._deltas(gen, first, t0, len(ids), params.n)

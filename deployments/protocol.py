@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP bodies, as pydantic models: requests (validated strictly: a string is never a number)
 and responses (what the official `openai` client parses). Field names and defaults follow OpenAI's API; the
-vLLM extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`) are accepted as vLLM accepts
-them. Unknown fields are refused, so a feature raymoe lacks (tools, response_format) is a 400, never ignored.
+vLLM extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `structured_outputs`) are
+accepted as vLLM accepts them; `response_format`, `tools` and `tool_choice` as OpenAI's. Unknown fields are refused,
+so a feature raymoe lacks is a 400, never ignored.
 This module only describes shapes; it never calls the engine.
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 SInt = Annotated[int, Strict()]
 SFloat = Annotated[float, Strict()]      # strict floats still take JSON integers
@@ -39,10 +40,49 @@ class _Sampling(_Request):
     stream: SBool = False
     stream_options: StreamOptions | None = None
     user: SStr | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class StreamOptions(_Request):
     include_usage: SBool = False
+
+
+class JSONSchemaFormat(_Request):
+    name: SStr = Field("response", max_length=64)
+    description: SStr | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: SBool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: free text, any JSON object, or JSON matching a schema."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format of type 'json_schema' needs 'json_schema': {'name', 'schema'}")
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's structured_outputs: exactly one of a JSON schema, a regex, a list of choices, an EBNF grammar, or any
+    JSON object."""
+    json_: dict | SStr | None = Field(None, alias="json")
+    regex: SStr | None = None
+    choice: list[SStr] | None = Field(None, min_length=1)
+    grammar: SStr | None = None
+    json_object: SBool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes exactly one of 'json', 'regex', 'choice', 'grammar', "
+                             "'json_object'")
+        return self
 
 
 class TextPart(_Request):
@@ -50,17 +90,73 @@ class TextPart(_Request):
     text: SStr
 
 
+class FunctionCall(_Request):
+    name: SStr
+    arguments: SStr                       # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_Request):
+    """A tool call of an earlier assistant turn, sent back with the conversation."""
+    id: SStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: SStr | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: SStr | list[TextPart] | None = Field(None, validate_default=True)
     name: SStr | None = None
+    tool_calls: list[ToolCallIn] | None = None          # assistant turns that called tools
+    tool_call_id: SStr | None = None                    # tool results
+    reasoning: SStr | None = None                       # an earlier turn's reasoning (not rendered)
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v, info):
+        if v is None and info.data.get("role") != "assistant":   # an assistant turn may hold only tool calls
+            raise ValueError(f"a {info.data.get('role')!r} message needs 'content'")
+        return v
+
+    @model_validator(mode="after")
+    def _calls(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry 'tool_calls'")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs 'content' or 'tool_calls'")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDef(_Request):
+    name: SStr = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: SStr | None = None
+    parameters: dict | None = None
+    strict: SBool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: SStr
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: SBool = True
     max_tokens: SInt | None = Field(None, ge=1)
     max_completion_tokens: SInt | None = Field(None, ge=1)
     logprobs: SBool = False
@@ -108,9 +204,22 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -133,9 +242,23 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
@@ -213,5 +336,6 @@ class ErrorResponse(BaseModel):
 
 
 _Sampling.model_rebuild()
+ChatMessage.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 
-from raymoe.deployments import translate
+from raymoe.deployments import chat_output, translate
 from raymoe.deployments.errors import APIError, sse_error
 from raymoe.deployments.protocol import (ChatCompletionChunk, ChunkChoice, Completion, CompletionChoice,
                                          CompletionRequest, DeltaMessage)
@@ -27,9 +27,12 @@ def _stream_error(e: Exception) -> str:
     return sse_error(f"generation failed ({type(e).__name__})")
 
 
-async def chat_events(stream, rid: str, name: str, n: int, include_usage: bool, tt: translate.TokenText):
-    """SSE events of a chat completion: a role chunk per choice, content chunks, usage if asked, [DONE]."""
+async def chat_events(stream, rid: str, name: str, n: int, include_usage: bool, tt: translate.TokenText,
+                      shape: tuple[bool, bool, bool] = (False, False, False)):
+    """SSE events of a chat completion: a role chunk per choice, content chunks (or reasoning and tool-call deltas,
+    when `shape` asks chat_output to split the text), usage if asked, [DONE]."""
     out = translate.Outputs(n)
+    split = [chat_output.ChatOutput(*shape) for _ in range(n)] if any(shape) else None
     skip = set() if include_usage else {"usage"}
 
     def chunk(choices) -> str:
@@ -49,6 +52,15 @@ async def chat_events(stream, rid: str, name: str, n: int, include_usage: bool, 
             parts = []
             for d in batch:
                 out.add(d)
+                if split is not None:
+                    new = split[d.index].update(out.choices[d.index].text, d.finished)
+                    if not new and not d.finished and not d.logprobs:
+                        continue
+                    finish = ("tool_calls" if d.finish_reason == "stop" and split[d.index].called else
+                              d.finish_reason)
+                    parts.append(chunk([ChunkChoice(index=d.index, delta=DeltaMessage(**new), finish_reason=finish,
+                                                    logprobs=translate.chat_logprobs(tt, d.logprobs))]))
+                    continue
                 parts.append(fast(d) if not d.logprobs else chunk([ChunkChoice(
                     index=d.index, delta=DeltaMessage(content=d.text),
                     logprobs=translate.chat_logprobs(tt, d.logprobs), finish_reason=d.finish_reason)]))

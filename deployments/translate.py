@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from raymoe.deployments.errors import APIError
 from raymoe.deployments.protocol import (ChatCompletionRequest, ChatMessage, ChoiceLogprobs, CompletionLogprobs,
-                                         CompletionRequest, TokenLogprob, TopLogprob, Usage)
-from raymoe.platform.config import SamplingParams
+                                         CompletionRequest, TokenLogprob, Tool, TopLogprob, Usage)
+from raymoe.platform.config import GrammarSpec, SamplingParams
 from raymoe.platform.engine import Delta
 
 
@@ -28,10 +28,22 @@ class TokenText:
         return TopLogprob(token=s, logprob=lp, bytes=list(s.encode("utf-8")))
 
 
-def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+def _message(m: ChatMessage) -> dict:
+    d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        d["content"] = m.text() or None
+        d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        d["tool_call_id"] = m.tool_call_id
+    return d
+
+
+def chat_prompt_ids(tokenizer, messages: list[ChatMessage], tools: list[Tool] | None = None) -> list[int]:
+    """The chat template over the messages (tool calls and tool results included) and the tools' descriptions."""
+    msgs = [_message(m) for m in messages]
+    kw = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
     try:
-        out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
+        out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True, **kw)
     except Exception as e:                     # noqa: BLE001 (a template error is the request's fault)
         raise APIError(400, f"the chat template refused the messages: {str(e).splitlines()[0]}", "messages")
     return list(out["input_ids"])
@@ -66,7 +78,7 @@ MIN_TOP_P = 1e-6         # a top_p that rounds to 0 in the sampler's fp32 (< ~1e
 
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int,
-                    logprobs: int | None) -> SamplingParams:
+                    logprobs: int | None, grammar: GrammarSpec | None = None) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
         return SamplingParams(
@@ -76,7 +88,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: 
             min_p=req.min_p or 0.0,
             seed=req.seed, stop=stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0, logprobs=logprobs)
+            repetition_penalty=req.repetition_penalty or 1.0, logprobs=logprobs, grammar=grammar)
     except ValidationError as e:               # the HTTP models check the same bounds; this is a backstop
         err = e.errors()[0]
         field = ".".join(map(str, err["loc"]))

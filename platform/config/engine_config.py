@@ -1,4 +1,5 @@
-"""EngineConfig (how the inference engine runs) and SamplingParams (what one request asks for).
+"""EngineConfig (how the inference engine runs), SamplingParams (what one request asks for) and GrammarSpec (what
+a request's output must match, when it is constrained).
 
 Both validate on construction and fail with a message naming the field; the engine trusts them afterwards.
 """
@@ -39,6 +40,21 @@ class EngineConfig(BaseModel):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)   # expert shards (none by default)
 
 
+GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "ebnf", "structural_tag"]
+
+
+class GrammarSpec(BaseModel):
+    """A constraint on a request's output, in its canonical text (compiled once per distinct spec by
+    engine/grammar.py): a JSON schema (compact JSON), nothing for any JSON object, a regex, a JSON list of choices,
+    an EBNF grammar, or an xgrammar structural tag (JSON; tool calls). `strict` (JSON schemas): no properties
+    beyond the schema's."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: GrammarKind
+    value: str = ""
+    strict: bool = True
+
+
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,6 +73,7 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
     logprobs: int | None = Field(None, ge=0, le=20)
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None       # constrained decoding (None: free text)
 
     @field_validator("max_tokens")
     @classmethod

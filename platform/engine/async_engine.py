@@ -2,8 +2,9 @@
 
 The engine runs in one background thread (steps are CPU/GPU bound and release the GIL inside torch); requests
 and aborts reach it through an inbox, deltas come back to each caller's event loop. `generate` is an async
-iterator of deltas; leaving it early (cancellation, client gone) aborts the request. A failing step fails the
-requests in it and the engine keeps serving the next ones.
+iterator of deltas; leaving it early (cancellation, client gone) aborts the request. A constrained request's
+grammar is compiled at admission, in a worker thread (once per distinct grammar; cached after), never in a step. A
+failing step fails the requests in it and the engine keeps serving the next ones.
 """
 from __future__ import annotations
 
@@ -41,10 +42,14 @@ class AsyncEngine:
         """Stream deltas of one request (all n choices). Raises RequestError at once for a bad request."""
         rid = request_id or f"req-{next(_ids)}"
         self.engine.validate(prompt_ids, params)
+        grammar = None
+        if params.grammar is not None:
+            grammar = (self.engine.cached_grammar(params.grammar) or
+                       await asyncio.to_thread(self.engine.compile_grammar, params.grammar))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (loop, q)
-        self._inbox.put(("add", rid, prompt_ids, params))
+        self._inbox.put(("add", rid, prompt_ids, params, grammar))
         self._wake.set()
         done = 0
         try:
@@ -88,11 +93,11 @@ class AsyncEngine:
                 except queue.Empty:
                     break
                 if msg[0] == "add":
-                    _, rid, prompt, params = msg
+                    _, rid, prompt, params, grammar = msg
                     if rid not in self._streams:       # cancelled before it started
                         continue
                     try:
-                        eng.add_request(rid, prompt, params)
+                        eng.add_request(rid, prompt, params, grammar)
                     except Exception as e:            # noqa: BLE001 (reported to the caller)
                         self._send(rid, e)
                 else:

@@ -2,10 +2,12 @@
 
 One `step()` schedules a batch (continuous batching, chunked prefill), runs the model over the paged latent cache,
 samples or verifies MTP drafts, drafts the next tokens with the MTP module, detokenizes incrementally, applies stop
-conditions and returns per-sequence deltas. Validation happens in `add_request`, before any work.
+conditions and returns per-sequence deltas. Validation happens in `add_request`, before any work; so does compiling
+a request's grammar (grammar.py), which step() only applies (bitmasks) and advances (committed tokens).
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -13,9 +15,11 @@ from pathlib import Path
 
 import torch
 
-from raymoe.platform.config import EngineConfig, SamplingParams
+from raymoe.platform.config import EngineConfig, GrammarSpec, SamplingParams
 from raymoe.platform.engine.block_manager import BlockManager
 from raymoe.platform.engine.detokenizer import IncrementalDetokenizer
+from raymoe.platform.engine.grammar import (JSON_KINDS, GrammarCache, GrammarError, GrammarState, allocate_bitmask,
+                                            apply_bitmask)
 from raymoe.platform.engine.model_runner import ModelRunner
 from raymoe.platform.engine.sampler import (accept_greedy, apply_penalties, draw, needs_penalties, processed_probs,
                                             top_logprobs, verify_drafts)
@@ -106,18 +110,27 @@ class LLMEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.requests: dict[str, list[Sequence]] = {}
         self.outs: dict[int, _Out] = {}
+        self._grammars: GrammarCache | None = None       # built at the first constrained request
+        self._grammars_lock = threading.Lock()
         self._gen_times: deque[tuple[float, int]] = deque()
         self.total_generated = 0
 
     # ---- requests ------------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None,
+                    grammar=None) -> None:
+        """grammar: params.grammar compiled already (the async engine compiles at admission); None compiles here."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running")
         self.validate(prompt_ids, params)
+        if params.grammar is not None and grammar is None:
+            grammar = self.compile_grammar(params.grammar)
         seqs = [Sequence(request_id, prompt_ids, params, i) for i in range(params.n)]
         self.requests[request_id] = seqs
         for s in seqs:
+            if params.grammar is not None:
+                s.grammar = GrammarState(grammar, self._grammars.json_tokens if params.grammar.kind in JSON_KINDS
+                                         else None)
             detok = None if self.tokenizer is None else IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, params.skip_special_tokens)
             self.outs[s.seq_id] = _Out(detok)
@@ -137,6 +150,24 @@ class LLMEngine:
         if self.blocks.blocks_needed(total + self.num_spec) > self.blocks.num_blocks:
             raise RequestError(f"prompt plus max_tokens ({total} tokens) does not fit in the KV cache "
                                f"({self.blocks.num_blocks} blocks of {self.cfg.block_size})")
+        if params.grammar is not None and self.tokenizer is None:
+            raise RequestError("constrained decoding needs the model's tokenizer, and this engine has none")
+
+    # ---- grammars ------------------------------------------------------------------------------------------------
+    def cached_grammar(self, spec: GrammarSpec):
+        """The compiled grammar when this spec was compiled before (no work), else None."""
+        return None if self._grammars is None else self._grammars.cached(spec)
+
+    def compile_grammar(self, spec: GrammarSpec):
+        """Compile (or fetch from the cache) a request's grammar. RequestError when xgrammar refuses it. Callers
+        compile at admission, off the engine thread when they can; step() never compiles."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids)
+        try:
+            return self._grammars.compile(spec)
+        except GrammarError as e:
+            raise RequestError(str(e)) from None
 
     def abort(self, request_id: str) -> None:
         for s in self.requests.pop(request_id, []):
@@ -183,6 +214,11 @@ class LLMEngine:
                 prompts = [sched[i].seq.token_ids for i, _ in owners]
                 counts = [sched[i].seq.output_counts + Counter(sched[i].seq.draft_ids[:j]) for i, j in owners]
                 logits = apply_penalties(logits, params, prompts, counts)
+            raw, tried = logits, {}                      # logprobs report the unconstrained distribution
+            if any(sched[i].seq.grammar is not None for i in ending):
+                if any(p.logprobs is not None for p in params):
+                    raw = logits.clone()
+                tried = self._mask_grammars(sched, ending, logits)
             best = logits.argmax(-1).tolist()            # greedy choices of every row: one device sync per step
             probs = None if all(p.greedy for p in params) else processed_probs(logits, params)
             r = 0
@@ -199,11 +235,13 @@ class LLMEngine:
                     toks = [best[r]]
                 else:
                     toks = draw(probs[r:r + 1], [seq.generator], self.generator)
-                lp = top_logprobs(logits[r:r + len(toks)], toks, [seq.params.logprobs] * len(toks))
+                lp = top_logprobs(raw[r:r + len(toks)], toks, [seq.params.logprobs] * len(toks))
                 valid[i] = s.num_tokens - k + len(toks) - 1
                 seq.num_computed_tokens = len(seq) + len(toks) - 1
                 seq.draft_ids, seq.draft_probs = [], None
                 new_tokens[i], new_logprobs[i] = self._append(seq, toks, lp)
+                if seq.grammar is not None:
+                    self._advance_grammar(seq, tried[i], new_tokens[i])
                 r += k + 1
         for i, s in enumerate(sched):
             if i not in new_tokens:
@@ -219,6 +257,40 @@ class LLMEngine:
             if reqs is not None and all(x.is_finished for x in reqs):
                 del self.requests[seq.request_id]
         return deltas
+
+    def _mask_grammars(self, sched: list[Scheduled], ending: list[int], logits: torch.Tensor) -> dict[int, int]:
+        """Mask, in place, every logits row of a constrained sequence with the tokens its grammar allows there: one
+        bitmask for the batch, applied in one call. A sequence with k drafts has k + 1 rows; its matcher tries the
+        drafts in order to mask the row after each, and stops at the first draft the grammar refuses (the rows
+        after it stay unmasked: verification rejects that draft, as its row allows only legal tokens, so they are
+        never read). Returns, per sched index, how many drafts each matcher took, to roll back once verified."""
+        bitmask = allocate_bitmask(logits.shape[0], logits.shape[1])
+        rows: list[int] = []
+        tried: dict[int, int] = {}
+        r = 0
+        for i in ending:
+            s = sched[i]
+            g, k = s.seq.grammar, s.num_drafts
+            if g is not None:
+                taken = 0
+                for j in range(k + 1):
+                    g.fill(bitmask, r + j)
+                    rows.append(r + j)
+                    if j == k or not g.matcher.accept_token(s.seq.draft_ids[j]):
+                        break
+                    taken += 1
+                tried[i] = taken
+            r += k + 1
+        apply_bitmask(logits, bitmask, rows)
+        return tried
+
+    def _advance_grammar(self, seq: Sequence, tried: int, toks: list[int]) -> None:
+        """Undo the drafts the matcher tried, advance it with the tokens committed; a grammar that is complete
+        ends the sequence (its stop token was taken, or nothing more can follow)."""
+        g = seq.grammar
+        g.rollback(tried)
+        if g.accept(toks) < len(toks) or (g.terminated and not seq.is_finished):
+            seq.finish_reason, seq.status = seq.finish_reason or "stop", Status.FINISHED
 
     def _append(self, seq: Sequence, toks: list[int], lp: list) -> tuple[list[int], list[dict]]:
         """Append sampled tokens, stopping at the first finishing one."""

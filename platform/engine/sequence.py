@@ -1,7 +1,8 @@
 """A Sequence: one stream of tokens the engine generates (a request with n > 1 owns n of them).
 
 Holds the token ids, how many of them the cache already holds, the block table, the sampling state (a private
-torch.Generator when the request has a seed) and the MTP draft waiting for verification. Scheduling and cache
+torch.Generator when the request has a seed, the grammar matcher when its output is constrained) and the MTP draft
+waiting for verification. Scheduling and cache
 policy live elsewhere.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Sequence:
         self.num_preemptions = 0
         self.output_counts: Counter[int] = Counter()
         self.generator: torch.Generator | None = None
+        self.grammar = None                    # GrammarState (engine/grammar.py) of a constrained request
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)
 

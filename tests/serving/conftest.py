@@ -24,7 +24,8 @@ def serve_http(ray_cluster):
 @pytest.fixture(scope="session")
 def served(serve_http, tiny_ckpt_fp32) -> Served:
     return deploy(serve_http, "main", "/", app_args(tiny_ckpt_fp32, autoscaling=TEST_AUTOSCALING,
-                                                      max_ongoing_requests=8, max_queued_requests=64))
+                                                      max_ongoing_requests=8, max_queued_requests=64,
+                                                      reasoning=True))
 
 
 @pytest.fixture(scope="session")
