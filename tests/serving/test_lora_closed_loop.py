@@ -1,0 +1,69 @@
+"""The platform's closed loop: `ray job submit` (the real CLI, to the session cluster's dashboard) a LoRA finetune
+job on the served tiny model that teaches four question/answer pairs, writing its adapter under the app's
+lora_root; load it by name through POST /v1/load_lora_adapter; the official `openai` client asking the adapter gets
+the trained answers (greedy), and the base model does not."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+QA = REPO / "finetune" / "configs" / "tiny-qa.jsonl"
+JOB = REPO / "finetune" / "configs" / "tiny-lora.yaml"
+PAIRS = 4
+# One worker, the four pairs in every step: 40 steps of rank-8 LoRA on every target memorise them (final train
+# loss well under 0.1 on the fp32 tiny model).
+STEPS = 40
+
+
+def test_finetuned_adapter_is_served_by_name(served, ray_dashboard, tiny_ckpt_fp32, lora_root, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    rows = QA.read_text().splitlines()[:PAIRS]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    pairs = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in map(json.loads, rows)]
+    out = lora_root / "qa-job"
+    sub_id = f"raymoe-lora-loop-{os.getpid()}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    sub = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_dashboard, "--no-wait",
+         "--submission-id", sub_id, "--",
+         sys.executable, "-m", "raymoe.finetune", "--config", str(JOB), "--set", f"model={tiny_ckpt_fp32}",
+         "--set", f"data.train={data}", "--set", f"output_dir={out}", "--set", f"max_steps={STEPS}",
+         "--set", "scaling.num_workers=1", "--set", f"batch.global_size={PAIRS}", "--set", f"batch.micro_size={PAIRS}",
+         "--set", "optim.warmup_steps=3", "--set", f"checkpoint.every_steps={STEPS}", "--set", "log_every=10"],
+        capture_output=True, text=True, env=env, timeout=180)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    client = JobSubmissionClient(ray_dashboard)
+    deadline = time.time() + 600
+    status = client.get_job_status(sub_id)
+    while not status.is_terminal():
+        assert time.time() < deadline, "the finetune job did not finish"
+        time.sleep(2)
+        status = client.get_job_status(sub_id)
+    logs = client.get_job_logs(sub_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+
+    r = httpx.post(f"{served.url}/v1/load_lora_adapter", json={"lora_name": "qa", "lora_path": "qa-job"},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    assert "qa" in {m.id for m in served.client().models.list().data}
+
+    c = served.client(timeout=120)
+
+    def ask(model: str, question: str) -> str:
+        out = c.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                        max_tokens=12, temperature=0)
+        return out.choices[0].message.content
+
+    assert [ask("qa", q) for q, _ in pairs] == [a for _, a in pairs]
+    assert [ask(f"{served.name}:qa", q) for q, _ in pairs] == [a for _, a in pairs]
+    assert not any(ask(served.name, q) == a for q, a in pairs)
