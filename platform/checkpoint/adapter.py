@@ -38,15 +38,25 @@ class LoraFactors:
     B: torch.Tensor
     scaling: float
 
+    @property
+    def rank(self) -> int:
+        return self.B.shape[1]
+
     def delta(self, experts: int = 1) -> torch.Tensor:
         # -> [out, in] or [E, out, in] fp32
         a, b = self.A.float(), self.B.float()
         if experts == 1:
             return (b @ a) * self.scaling
-        r = a.shape[0] // experts
-        a = a.view(experts, r, a.shape[1])                                  # [E, r, in]
-        b = b.view(b.shape[0], r, experts).permute(2, 0, 1)                 # [E, out, r]
+        a, b = expert_factors(a, b, experts)
         return torch.bmm(b, a) * self.scaling
+
+
+def expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's stacked-expert factors per expert (views, so gradients flow): A [E * r, in] is expert-major,
+    B [out, r * E] rank-major (column j * E + e is rank j of expert e) -> a [E, r, in], b [E, out, r]."""
+    a = A.view(experts, -1, A.shape[-1])
+    b = B.view(B.shape[0], -1, experts).permute(2, 0, 1)
+    return a, b
 
 
 @dataclass
@@ -113,6 +123,12 @@ def _target(model: nn.Module, f: LoraFactors, adapter: LoraAdapter) -> tuple[str
                 return f"{module_name}.{pname}", p, experts
     raise CheckpointError(f"{adapter.path}: no weight of {module_name!r} fits LoRA factors "
                           f"A {tuple(f.A.shape)}, B {tuple(f.B.shape)}")
+
+
+def adapter_targets(model: nn.Module, adapter: LoraAdapter) -> list[tuple[str, LoraFactors, int]]:
+    """(parameter name, factors, experts in the adapter) of every adapted weight, checked against `model`'s
+    modules and shapes (CheckpointError naming the module that does not fit)."""
+    return [(name, f, experts) for f in adapter.factors for name, _, experts in [_target(model, f, adapter)]]
 
 
 def merge_adapter(model: nn.Module, adapter: LoraAdapter, sign: float = 1.0) -> dict[str, torch.Tensor]:
