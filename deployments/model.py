@@ -59,7 +59,10 @@ class ModelServer:
         self._cache = Path(os.environ.get("RAYMOE_LORA_CACHE") or tempfile.gettempdir()) / "raymoe-lora"
 
         async def multiplexed_loader(name: str) -> AdapterRef:
-            return await self._load(self._wanted[name])
+            ref = self._wanted.get(name)
+            if ref is None:                           # unloaded while this request waited for the loader
+                raise AdapterNotFound(f"adapter {name!r} was unloaded")
+            return await self._load(ref)
 
         self._adapter = serve.multiplexed(max_num_models_per_replica=self.max_loras)(multiplexed_loader)
         for ref in preload:                           # lora_modules: on every replica, before it takes requests
