@@ -140,11 +140,16 @@ def merge_adapter(model: nn.Module, adapter: LoraAdapter, sign: float = 1.0) -> 
     with torch.no_grad():
         for f in adapter.factors:
             name, p, experts = _target(model, f, adapter)
-            d = f.delta(experts)
-            if experts > 1:
-                first = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "first", 0)
-                d = d[first:first + p.shape[0]]                            # this shard's experts
-            p.add_((sign * d).to(p.dtype))
+            if experts == 1:
+                p.add_((sign * f.delta()).to(p.device, p.dtype))
+                continue
+            first = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "first", 0)
+            a, b = expert_factors(f.A, f.B, experts)
+            step = 8          # a few experts at a time: a full-width stack's fp32 delta would be tens of GB
+            for e in range(0, p.shape[0], step):
+                g = slice(first + e, first + min(e + step, p.shape[0]))             # this shard's experts
+                d = torch.bmm(b[g].float().to(p.device), a[g].float().to(p.device)) * (sign * f.scaling)
+                p[e:e + d.shape[0]].add_(d.to(p.dtype))
         for name, t in adapter.replaced.items():
             if name not in named:
                 raise CheckpointError(f"{adapter.path}: the model has no tensor {name!r} (modules_to_save)")
