@@ -33,14 +33,19 @@ def test_finetuned_adapter_is_served_by_name(served, ray_dashboard, tiny_ckpt_fp
     out = lora_root / "qa-job"
     sub_id = f"raymoe-lora-loop-{os.getpid()}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    sub = subprocess.run(
-        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_dashboard, "--no-wait",
-         "--submission-id", sub_id, "--",
-         sys.executable, "-m", "raymoe.finetune", "--config", str(JOB), "--set", f"model={tiny_ckpt_fp32}",
-         "--set", f"data.train={data}", "--set", f"output_dir={out}", "--set", f"max_steps={STEPS}",
-         "--set", "scaling.num_workers=1", "--set", f"batch.global_size={PAIRS}", "--set", f"batch.micro_size={PAIRS}",
-         "--set", "optim.warmup_steps=3", "--set", f"checkpoint.every_steps={STEPS}", "--set", "log_every=10"],
-        capture_output=True, text=True, env=env, timeout=180)
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_dashboard, "--no-wait",
+           "--submission-id", sub_id, "--",
+           sys.executable, "-m", "raymoe.finetune", "--config", str(JOB), "--set", f"model={tiny_ckpt_fp32}",
+           "--set", f"data.train={data}", "--set", f"output_dir={out}", "--set", f"max_steps={STEPS}",
+           "--set", "scaling.num_workers=1", "--set", f"batch.global_size={PAIRS}",
+           "--set", f"batch.micro_size={PAIRS}", "--set", "optim.warmup_steps=3",
+           "--set", f"checkpoint.every_steps={STEPS}", "--set", "log_every=10"]
+    deadline = time.time() + 180
+    while True:                  # a loaded machine: the node's dashboard agent may not have registered yet
+        sub = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+        if sub.returncode == 0 or "No available agent" not in sub.stderr or time.time() > deadline:
+            break
+        time.sleep(5)
     assert sub.returncode == 0, sub.stdout + sub.stderr
     client = JobSubmissionClient(ray_dashboard)
     deadline = time.time() + 600
