@@ -29,37 +29,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-_DASHBOARD: dict[str, str] = {}
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The test session's one local Ray instance (address='local': never a cluster someone else started), shared by
     the finetuning, expert-parallel and serving tests. Its 8 logical CPUs let many small actors be placed on this
-    2-core machine; they share the cores. Its dashboard (on loopback, a free port) takes `ray job submit`
-    (`ray_dashboard`). Shut down when the session ends."""
-    import socket
-
+    2-core machine; they share the cores. Shut down when the session ends."""
     import ray
     started = not ray.is_initialized()
     if started:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, log_to_driver=False)
-        _DASHBOARD["address"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def ray_dashboard(ray_cluster) -> str:
-    """The session cluster's dashboard address, for `ray job submit --address` and JobSubmissionClient."""
-    if "address" not in _DASHBOARD:
-        pytest.skip("Ray was started outside the test session: its dashboard address is unknown")
-    return _DASHBOARD["address"]
 
 
 @pytest.fixture(scope="session")
