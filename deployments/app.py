@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from ray.serve import Application
 
+from raymoe.deployments.adapters import FILES, AdapterRef, is_url
 from raymoe.deployments.config import ServeAppConfig, first_error
 from raymoe.deployments.ingress import OpenAIIngress
 from raymoe.deployments.metrics import MetricsCollector
@@ -61,6 +62,9 @@ def app_config(args: dict[str, Any] | ServeAppConfig) -> ServeAppConfig:
         cfg = cfg.model_copy(update={"model": str(tiny_model()), "served_model_name": cfg.model_name})
     elif not (Path(cfg.model) / "config.json").is_file():
         raise ValueError(f"model: {cfg.model} is not a checkpoint directory (no config.json)")
+    for name, path in cfg.lora_modules.items():
+        if not is_url(path) and not (Path(path) / FILES[0]).is_file():
+            raise ValueError(f"lora_modules.{name}: {path} is not a PEFT adapter directory (no {FILES[0]})")
     return cfg
 
 
@@ -92,4 +96,5 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
         max_ongoing_requests=4 * (cfg.max_ongoing_requests * cfg.autoscaling.max_replicas + cfg.max_queued_requests),
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus, **env},
     )
-    return ingress.bind(cfg, model.bind(engine, metrics, cfg.metrics_interval_s), metrics)
+    preload = [AdapterRef(name=n, path=p) for n, p in cfg.lora_modules.items()]
+    return ingress.bind(cfg, model.bind(engine, metrics, cfg.metrics_interval_s, preload), metrics)

@@ -13,7 +13,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raymoe.deployments.adapters import NAME_RULE, valid_name
 from raymoe.platform.config import EngineConfig
+
+LORA_ENGINE_KEYS = ("max_loras", "max_cpu_loras", "max_lora_rank")     # ServeAppConfig keys the engine takes
 
 
 class AutoscalingSettings(BaseModel):
@@ -58,11 +61,25 @@ class ServeAppConfig(BaseModel):
     reasoning: bool = False                    # split <think>...</think> from chat content into `reasoning`
     metrics_interval_s: float = Field(1.0, gt=0)   # how often each replica reports engine gauges
     runtime_env: dict[str, Any] = Field(default_factory=dict)   # Ray runtime_env of every replica (env_vars...)
+    # LoRA adapters (vLLM's --lora-modules / --max-loras ...): `model="<adapter>"` or `"<served name>:<adapter>"`
+    lora_root: str | None = None               # folder or s3:// / gs:// URL, one PEFT directory per adapter name
+    lora_modules: dict[str, str] = Field(default_factory=dict)  # name -> path, preloaded at start (any path)
+    max_loras: int = Field(4, ge=1)            # adapters resident per replica (Serve's multiplexing LRU too)
+    max_cpu_loras: int = Field(16, ge=0)       # more kept in host memory per replica
+    max_lora_rank: int = Field(64, ge=1)       # adapters of a higher rank are refused (400)
 
     @model_validator(mode="after")
     def _check(self) -> "ServeAppConfig":
         if "model" in self.engine:
             raise ValueError("engine.model: set the checkpoint with the top-level `model` key")
+        for key in LORA_ENGINE_KEYS:
+            if key in self.engine:
+                raise ValueError(f"engine.{key}: set it with the top-level `{key}` key")
+        for name in self.lora_modules:
+            if not valid_name(name):
+                raise ValueError(f"lora_modules: invalid adapter name {name!r} ({NAME_RULE})")
+            if name == self.model_name:
+                raise ValueError(f"lora_modules: {name!r} is the served model's own name")
         try:
             self.engine_config()               # engine fields are checked now, not on a replica later
         except ValidationError as e:
@@ -80,6 +97,7 @@ class ServeAppConfig(BaseModel):
             par["num_shards"] = self.ep
         if par.get("num_shards"):
             engine["parallel"] = {"router_cpus": self.num_cpus, "router_gpus": self.num_gpus, **par}
+        engine.update({k: getattr(self, k) for k in LORA_ENGINE_KEYS})
         return EngineConfig(model=self.model or "<tiny>", **engine)
 
     @property

@@ -9,6 +9,16 @@ becomes a 429 with Retry-After at once. The ingress waits for a request's first
 delta before answering, so any refusal is an HTTP status, not an error inside a 200 stream. A client that leaves
 mid-stream cancels the handle call, which aborts the request in the engine. SSE framing is sse.py's. It never
 runs the model itself.
+
+LoRA adapters: `model` names the base (its served name) or an adapter (`<adapter>` or `<served name>:<adapter>`),
+looked up in the registry (adapters.py: lora_modules, POST /v1/load_lora_adapter, folders under lora_root); an
+adapter request goes to the model deployment with `multiplexed_model_id=<adapter>` so Serve routes it to a
+replica that holds the adapter. POST /v1/load_lora_adapter loads the adapter on one replica (a broken one is a 400
+and the name is not registered); others load it on their first request for it (the multiplexed loader). POST
+/v1/unload_lora_adapter forgets the name here (requests for it are 404 from then on) and unloads it from the
+replica the router picks for it; other replicas drop it through their LRU. With several ingress replicas, the
+names loaded or unloaded through the API are known to the ingress replica that took the call (folders under
+lora_root and lora_modules are known to all).
 """
 
 import asyncio
@@ -25,16 +35,19 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
 from raymoe.deployments import chat_output, errors, sse, structured, translate
+from raymoe.deployments.adapters import AdapterRef, AdapterRegistry, AdapterRoot, check_name, exists, valid_name
 from raymoe.deployments.config import ServeAppConfig
 from raymoe.deployments.errors import APIError, error_response
 from raymoe.deployments.metrics import RequestMetrics
 from raymoe.deployments.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest,
                                          Completion, CompletionChoice, CompletionRequest, DetokenizeRequest,
-                                         DetokenizeResponse, FunctionCallOut, ModelCard, ModelList, TokenizeRequest,
-                                         TokenizeResponse, ToolCall)
+                                         DetokenizeResponse, FunctionCallOut, LoadLoraAdapterRequest, ModelCard,
+                                         ModelList, TokenizeRequest, TokenizeResponse, ToolCall,
+                                         UnloadLoraAdapterRequest)
 from raymoe.platform.checkpoint.tokenizer import THINK_BEGIN
 from raymoe.platform.config import ModelConfig
 from raymoe.platform.engine import RequestError
+from raymoe.platform.engine.adapters import AdapterInvalid, AdapterNotFound
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +116,11 @@ def _cancel(gen) -> None:
         pass
 
 
+def _cause(e: BaseException) -> str:
+    """The first line of an exception raised in a replica (Ray wraps it; the cause's own text)."""
+    return str(getattr(e, "cause", None) or e).splitlines()[0]
+
+
 def _json(body) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
@@ -139,7 +157,9 @@ class OpenAIIngress:
         self.max_model_len = ecfg.max_model_len or ModelConfig.from_pretrained(cfg.model).max_context
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.tt = translate.TokenText(self.tokenizer)
+        self.model_handle = model
         self.model = model.options(stream=True)
+        self.adapters = AdapterRegistry(AdapterRoot(cfg.lora_root), cfg.lora_modules)
         self.metrics = metrics
         self.buffer = RequestMetrics()
         key = cfg.api_key()
@@ -153,7 +173,45 @@ class OpenAIIngress:
 
     @app.get("/v1/models")
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.name, root=self.cfg.model, max_model_len=self.max_model_len)])
+        refs = await asyncio.to_thread(self.adapters.listing)
+        return ModelList(data=[ModelCard(id=self.name, root=self.cfg.model, max_model_len=self.max_model_len)] + [
+            ModelCard(id=r.name, root=r.path, parent=self.name, max_model_len=self.max_model_len) for r in refs])
+
+    # ---- LoRA adapters (vLLM's runtime API) ----------------------------------------------------------------------
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, req: LoadLoraAdapterRequest) -> PlainTextResponse:
+        name = check_name(req.lora_name)
+        if name == self.name:
+            raise APIError(400, f"{name!r} is the base model's name", "lora_name", "invalid_lora_name")
+        if name in self.adapters.loaded and not req.load_inplace:
+            raise APIError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the adapter "
+                                "in place, set 'load_inplace' to True.", "lora_name", "lora_already_loaded")
+        path = self.adapters.root.resolve(req.lora_path, name)
+        if not await asyncio.to_thread(exists, path):
+            raise APIError(400, f"no LoRA adapter at lora_path {req.lora_path or name!r} (a PEFT adapter folder "
+                                "holds adapter_config.json and adapter_model.safetensors)", "lora_path",
+                           "invalid_lora_path")
+        ref = self.adapters.next_ref(name, path)
+        try:
+            await self.model_handle.options(multiplexed_model_id=name).load_adapter.remote(ref)
+        except BaseException as e:
+            err = self._refusal(e, "lora_path")
+            if err is None:
+                raise
+            raise err from None
+        self.adapters.put(ref)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, req: UnloadLoraAdapterRequest) -> PlainTextResponse:
+        name = check_name(req.lora_name)
+        if await asyncio.to_thread(self.adapters.remove, name) is None:
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name", "lora_not_found")
+        try:
+            await self.model_handle.options(multiplexed_model_id=name).unload_adapter.remote(name)
+        except Exception as e:                 # noqa: BLE001 (the name is gone here; replicas drop it by LRU)
+            log.warning("unloading adapter %s from a replica failed: %s", name, e)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     @app.get("/metrics")
     async def prometheus(self) -> PlainTextResponse:
@@ -163,7 +221,7 @@ class OpenAIIngress:
 
     @app.post("/tokenize")
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
-        self._check_model(req.model)
+        await self._adapter_of(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' and 'messages'", "prompt")
         if req.messages is not None:
@@ -176,14 +234,14 @@ class OpenAIIngress:
 
     @app.post("/detokenize")
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
-        self._check_model(req.model)
+        await self._adapter_of(req.model)
         self._check_ids(req.tokens, "tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens))
 
     # ---- generation ----------------------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat(self, req: ChatCompletionRequest) -> Response:
-        self._check_model(req.model)
+        adapter = await self._adapter_of(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         if req.stream_options is not None and not req.stream:
@@ -200,19 +258,20 @@ class OpenAIIngress:
         # (reasoning split, output starts inside <think>, parse tool calls)
         shape = (self.cfg.reasoning, self.cfg.reasoning and self._ends_in_think(ids), mode != "none")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self._start(ids, params, rid, field)
+        stream = await self._start(ids, params, rid, adapter, field)
+        name = req.model if adapter is not None else self.name
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(sse.chat_events(stream, rid, self.name, req.n, usage, self.tt, shape),
+            return StreamingResponse(sse.chat_events(stream, rid, name, req.n, usage, self.tt, shape),
                                      media_type="text/event-stream")
         out = await _collect(stream, req.n)
-        return _json(ChatCompletion(id=rid, model=self.name, usage=out.usage(), choices=[
+        return _json(ChatCompletion(id=rid, model=name, usage=out.usage(), choices=[
             _chat_choice(i, c, shape, translate.chat_logprobs(self.tt, c.logprobs) if req.logprobs else None)
             for i, c in enumerate(out.choices)]))
 
     @app.post("/v1/completions")
     async def completions(self, req: CompletionRequest) -> Response:
-        self._check_model(req.model)
+        adapter = await self._adapter_of(req.model)
         size = len(req.prompt) if isinstance(req.prompt, str) else 0
         ids = await self._encode(translate.completion_prompt_ids, req.prompt, size)
         self._check_ids(ids, "prompt")
@@ -221,24 +280,33 @@ class OpenAIIngress:
         grammar, field = structured.request_grammar(req)
         params = translate.sampling_params(req, max_tokens, req.logprobs, grammar)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = await self._start(ids, params, rid, field)
+        stream = await self._start(ids, params, rid, adapter, field)
+        name = req.model if adapter is not None else self.name
         prefix = self.tokenizer.decode(ids, skip_special_tokens=True) if req.echo else ""
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(sse.completion_events(stream, rid, self.name, req, prefix, ids, usage, self.tt),
+            return StreamingResponse(sse.completion_events(stream, rid, name, req, prefix, ids, usage, self.tt),
                                      media_type="text/event-stream")
         out = await _collect(stream, req.n)
-        return _json(Completion(id=rid, model=self.name, usage=out.usage(), choices=[
+        return _json(Completion(id=rid, model=name, usage=out.usage(), choices=[
             CompletionChoice(index=i, text=prefix + c.text, finish_reason=c.finish_reason,
                              logprobs=None if req.logprobs is None else translate.completion_logprobs(
                                  self.tt, c.logprobs, 0, ids if req.echo else None))
             for i, c in enumerate(out.choices)]))
 
     # ---- helpers -------------------------------------------------------------------------------------------------
-    def _check_model(self, name: str | None) -> None:
-        if name is not None and name != self.name:
-            raise APIError(404, f"The model '{name}' does not exist (this server serves '{self.name}').", "model",
-                           "model_not_found")
+    async def _adapter_of(self, model: str | None) -> AdapterRef | None:
+        """None for the base model; the adapter `model` names (`<adapter>` or `<base>:<adapter>`); else a 404."""
+        if model is None or model == self.name:
+            return None
+        name = model.removeprefix(f"{self.name}:")
+        ref = None
+        if valid_name(name):
+            ref = self.adapters.known.get(name) or await asyncio.to_thread(self.adapters.get, name)
+        if ref is None:
+            raise APIError(404, f"The model '{model}' does not exist (this server serves '{self.name}' and the LoRA "
+                                "adapters GET /v1/models lists).", "model", "model_not_found")
+        return ref
 
     def _check_ids(self, ids: list[int], field: str) -> None:
         vocab = len(self.tokenizer)
@@ -254,11 +322,16 @@ class OpenAIIngress:
     def _ends_in_think(self, ids: list[int]) -> bool:
         return self.tokenizer.decode(ids[-4:], skip_special_tokens=False).rstrip().endswith(THINK_BEGIN)
 
-    async def _start(self, ids: list[int], params, rid: str, grammar_field: str | None = None) -> AsyncIterator:
-        """Dispatch to a model replica and wait for its first output: refusals become HTTP errors here (a grammar
-        the replica cannot compile is a 400 naming `grammar_field`)."""
+    async def _start(self, ids: list[int], params, rid: str, adapter: AdapterRef | None = None,
+                     grammar_field: str | None = None) -> AsyncIterator:
+        """Dispatch to a model replica (for an adapter: one holding it, if any) and wait for its first output:
+        refusals become HTTP errors here (a grammar the replica cannot compile is a 400 naming `grammar_field`)."""
         t0 = time.perf_counter()
-        gen = self.model.generate.remote(ids, params, rid)
+        if adapter is None:
+            gen = self.model.generate.remote(ids, params, rid)
+        else:
+            params = params.model_copy(update={"adapter": adapter.name})
+            gen = self.model.options(multiplexed_model_id=adapter.name).generate.remote(ids, params, rid, adapter)
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
@@ -268,7 +341,8 @@ class OpenAIIngress:
             err = self._refusal(e)
             if err is None:
                 raise
-            if err.status == 400 and grammar_field and err.message.startswith("invalid "):
+            if (err.status == 400 and grammar_field and isinstance(e, RequestError)
+                    and err.message.startswith("invalid ")):
                 err.param = grammar_field
                 if grammar_field == "tool_choice":
                     err.message = err.message.replace("invalid structural tag", "invalid tool parameter schema")
@@ -276,13 +350,17 @@ class OpenAIIngress:
             raise err from None
         return self._deltas(gen, first, t0, len(ids), params.n)
 
-    def _refusal(self, e: BaseException) -> APIError | None:
+    def _refusal(self, e: BaseException, adapter_param: str = "model") -> APIError | None:
         retry = {"Retry-After": str(self.cfg.retry_after_s)}
+        if isinstance(e, AdapterNotFound):     # the engine's: raised in the replica, wrapped by Ray
+            return APIError(404, _cause(e), "model", "model_not_found")
+        if isinstance(e, AdapterInvalid):
+            return APIError(400, _cause(e), adapter_param, "invalid_lora_adapter")
         if isinstance(e, BackPressureError):
             return APIError(429, "the server is at capacity and its queue is full; retry later", None,
                             "rate_limit_exceeded", retry)
         if isinstance(e, RequestError):         # raised in the replica: Ray wraps it; its own text is the cause's
-            msg = str(getattr(e, "cause", None) or e).splitlines()[0]
+            msg = _cause(e)
             return APIError(400, msg, "max_tokens" if "max_tokens" in msg else None)
         if isinstance(e, (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError, RayActorError)):
             return APIError(503, "no model replica is available right now; retry later", None,

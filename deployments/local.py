@@ -35,6 +35,17 @@ def read_config(path: Path) -> tuple[dict[str, Any], str]:
     return data, "/"
 
 
+def parse_lora_modules(items: list[str]) -> dict[str, str]:
+    """`--lora-modules a=/p/a b=/p/b` (vLLM's form, also one per option) -> {"a": "/p/a", "b": "/p/b"}."""
+    out: dict[str, str] = {}
+    for item in (w for it in items for w in it.split()):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules {item!r}: expected NAME=PATH")
+        out[name] = path
+    return out
+
+
 def serve_forever(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
                   route_prefix: str = "/", name: str = "raymoe", ready=print) -> None:
     import ray

@@ -67,6 +67,9 @@ class EngineReport(BaseModel):
     prefix_cache_hits: int = 0
     preemptions: int = 0
     expert_load: dict[int, list[int]] = Field(default_factory=dict)   # MoE layer -> tokens routed to each expert
+    max_lora: int = 0
+    running_adapters: list[str] = Field(default_factory=list)     # LoRA adapters of running requests
+    waiting_adapters: list[str] = Field(default_factory=list)     # ... and of waiting ones
 
 
 class RequestMetrics:
@@ -149,6 +152,11 @@ class MetricsCollector:
                [(lb, r.waiting) for lb, r in per])
         metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage (1 = full).",
                [(lb, r.kv_cache_usage) for lb, r in per])
+        now = time.time()
+        metric("vllm:lora_requests_info", "gauge", "LoRA adapters of the running and waiting requests (labels; the "
+               "value is the report's time, as vLLM).",
+               [(f'{lb},max_lora="{r.max_lora}",running_lora_adapters="{",".join(r.running_adapters)}",'
+                 f'waiting_lora_adapters="{",".join(r.waiting_adapters)}"', now) for lb, r in per])
         queries = self.retired.prefix_cache_queries + sum(r.prefix_cache_queries for r in live)
         hits = self.retired.prefix_cache_hits + sum(r.prefix_cache_hits for r in live)
         metric("raymoe:prefix_cache_queries_total", "counter", "Prefix-cache lookups, one per admitted sequence "

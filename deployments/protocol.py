@@ -170,6 +170,20 @@ class CompletionRequest(_Sampling):
     logprobs: SInt | None = Field(None, ge=0, le=20)
 
 
+class LoadLoraAdapterRequest(_Request):
+    """vLLM's POST /v1/load_lora_adapter body. lora_path: inside the server's lora_root (relative to it, or an
+    absolute path / URL under it); omitted: <lora_root>/<lora_name>."""
+    lora_name: SStr
+    lora_path: SStr | None = None
+    load_inplace: SBool = False          # replace an adapter already loaded under this name
+
+
+class UnloadLoraAdapterRequest(_Request):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+    lora_name: SStr
+    lora_int_id: SInt | None = None      # accepted as vLLM does; names are what raymoe goes by
+
+
 class TokenizeRequest(_Request):
     model: SStr | None = None
     prompt: SStr | None = None
@@ -306,6 +320,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=_now)
     owned_by: str = "raymoe"
     root: str | None = None
+    parent: str | None = None            # an adapter's base model (vLLM's field); None for the base itself
     max_model_len: int
 
 

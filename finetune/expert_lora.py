@@ -8,15 +8,15 @@ transformers + PEFT reading the file see nothing different); each such MoE layer
 wrappers' factors and hands them to `RoutedExperts`, which adds s * (x A_e^T) B_e^T to expert e's rows itself.
 PEFT's own (merging) forward still runs when the adapters are disabled or merged, or several are active.
 
-PEFT's layout for a 3-D parameter [E, out, in] at rank r (ParamWrapper.get_delta_factors): lora_A.weight is
-[E * r, in], expert-major (A_e = rows e*r .. e*r + r - 1); lora_B.weight is [out, r * E], rank-major (column
-j * E + e is rank j of expert e). Never changes a parameter.
+PEFT's layout for a 3-D parameter is decoded in one place, `checkpoint.adapter.expert_factors`. Never changes a
+parameter.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from raymoe.platform.checkpoint.adapter import expert_factors
 from raymoe.platform.model.moe import ExpertDispatch, ExpertLora, LocalDispatch, MoE, RoutedExperts
 
 
@@ -27,9 +27,7 @@ def factors(wrapper: nn.Module) -> ExpertLora | None:
     if wrapper.disable_adapters or wrapper.merged or len(active) != 1:
         return None
     A, B = wrapper.lora_A[active[0]].weight, wrapper.lora_B[active[0]].weight       # [E*r, in], [out, r*E]
-    E = wrapper.num_experts
-    a = A.view(E, -1, A.shape[-1])                                                   # [E, r, in]
-    b = B.view(B.shape[0], -1, E).permute(2, 0, 1)                                   # [E, out, r]
+    a, b = expert_factors(A, B, wrapper.num_experts)                                 # [E, r, in], [E, out, r]
     return ExpertLora(a, b, wrapper.scaling[active[0]])
 
 

@@ -38,15 +38,25 @@ class LoraFactors:
     B: torch.Tensor
     scaling: float
 
+    @property
+    def rank(self) -> int:
+        return self.B.shape[1]
+
     def delta(self, experts: int = 1) -> torch.Tensor:
         # -> [out, in] or [E, out, in] fp32
         a, b = self.A.float(), self.B.float()
         if experts == 1:
             return (b @ a) * self.scaling
-        r = a.shape[0] // experts
-        a = a.view(experts, r, a.shape[1])                                  # [E, r, in]
-        b = b.view(b.shape[0], r, experts).permute(2, 0, 1)                 # [E, out, r]
+        a, b = expert_factors(a, b, experts)
         return torch.bmm(b, a) * self.scaling
+
+
+def expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's stacked-expert factors per expert (views, so gradients flow): A [E * r, in] is expert-major,
+    B [out, r * E] rank-major (column j * E + e is rank j of expert e) -> a [E, r, in], b [E, out, r]."""
+    a = A.view(experts, -1, A.shape[-1])
+    b = B.view(B.shape[0], -1, experts).permute(2, 0, 1)
+    return a, b
 
 
 @dataclass
@@ -115,6 +125,12 @@ def _target(model: nn.Module, f: LoraFactors, adapter: LoraAdapter) -> tuple[str
                           f"A {tuple(f.A.shape)}, B {tuple(f.B.shape)}")
 
 
+def adapter_targets(model: nn.Module, adapter: LoraAdapter) -> list[tuple[str, LoraFactors, int]]:
+    """(parameter name, factors, experts in the adapter) of every adapted weight, checked against `model`'s
+    modules and shapes (CheckpointError naming the module that does not fit)."""
+    return [(name, f, experts) for f in adapter.factors for name, _, experts in [_target(model, f, adapter)]]
+
+
 def merge_adapter(model: nn.Module, adapter: LoraAdapter, sign: float = 1.0) -> dict[str, torch.Tensor]:
     """W += sign * delta for every adapted weight, in place; modules_to_save tensors are swapped in.
     Returns the tensors that were replaced (pass them to `unmerge_adapter` to restore the base exactly up to
@@ -124,11 +140,16 @@ def merge_adapter(model: nn.Module, adapter: LoraAdapter, sign: float = 1.0) -> 
     with torch.no_grad():
         for f in adapter.factors:
             name, p, experts = _target(model, f, adapter)
-            d = f.delta(experts)
-            if experts > 1:
-                first = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "first", 0)
-                d = d[first:first + p.shape[0]]                            # this shard's experts
-            p.add_((sign * d).to(p.dtype))
+            if experts == 1:
+                p.add_((sign * f.delta()).to(p.device, p.dtype))
+                continue
+            first = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "first", 0)
+            a, b = expert_factors(f.A, f.B, experts)
+            step = 8          # a few experts at a time: a full-width stack's fp32 delta would be tens of GB
+            for e in range(0, p.shape[0], step):
+                g = slice(first + e, first + min(e + step, p.shape[0]))             # this shard's experts
+                d = torch.bmm(b[g].float().to(p.device), a[g].float().to(p.device)) * (sign * f.scaling)
+                p[e:e + d.shape[0]].add_(d.to(p.dtype))
         for name, t in adapter.replaced.items():
             if name not in named:
                 raise CheckpointError(f"{adapter.path}: the model has no tensor {name!r} (modules_to_save)")

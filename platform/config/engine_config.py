@@ -38,6 +38,12 @@ class EngineConfig(BaseModel):
     cpu_threads: int | None = Field(None, gt=0)       # torch intra-op threads on CPU (None: torch's default)
     seed: int = 0
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)   # expert shards (none by default)
+    max_loras: int = Field(4, gt=0, description="LoRA adapters resident on the device at once (per-request "
+                           "adapters; least recently used evicted when a request needs another)")
+    max_cpu_loras: int = Field(16, ge=0, description="further adapters kept in host memory (least recently "
+                               "used dropped; read from disk again when needed)")
+    max_lora_rank: int = Field(64, gt=0, description="largest adapter rank accepted; the device buffers are "
+                               "sized for it (max_loras x max_lora_rank per adapted weight)")
 
 
 GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "ebnf", "structural_tag"]
@@ -74,6 +80,8 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=20)
     skip_special_tokens: bool = True
     grammar: GrammarSpec | None = None       # constrained decoding (None: free text)
+    adapter: str | None = Field(None, description="LoRA adapter loaded into the engine (LLMEngine.load_adapter) "
+                                "that this request runs with; None: the base model")
 
     @field_validator("max_tokens")
     @classmethod

@@ -1,8 +1,9 @@
 """The paged latent cache's bookkeeping: fixed-size blocks, a free list, reference counts, prefix caching.
 
 Owns which block holds which tokens; never touches cache tensors. A full block is identified by a hash chained
-over all tokens up to its end (hash(parent_hash, its tokens)), so two sequences sharing a system prompt share its
-blocks. Freed blocks keep their hash until they are reused, so a later request can still hit them.
+over all tokens up to its end (hash(parent_hash, its tokens)), seeded with the sequence's adapter (its load id: the
+same tokens under another adapter, or under a reloaded one, have other latents), so two sequences sharing a system
+prompt and an adapter share its blocks. Freed blocks keep their hash until they are reused, so a later request can still hit them.
 """
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _chain(self, tokens: list[int]) -> list[int]:
-        """Hashes of the full blocks of `tokens`."""
-        hashes, h = [], 0
+    def _chain(self, tokens: list[int], adapter_key: int = 0) -> list[int]:
+        """Hashes of the full blocks of `tokens` computed with adapter `adapter_key` (0: the base model)."""
+        hashes, h = [], hash(("adapter", adapter_key)) if adapter_key else 0
         for i in range(len(tokens) // self.block_size):
             h = hash((h, tuple(tokens[i * self.block_size:(i + 1) * self.block_size])))
             hashes.append(h)
@@ -68,7 +69,7 @@ class BlockManager:
         hits: list[int] = []
         if self.prefix_caching:
             usable = (len(seq.token_ids) - 1) // self.block_size
-            for h in self._chain(seq.token_ids)[:usable]:
+            for h in self._chain(seq.token_ids, seq.adapter_key)[:usable]:
                 b = self.hash_to_block.get(h)
                 if b is None:
                     break
@@ -102,7 +103,7 @@ class BlockManager:
         if not self.prefix_caching:
             return
         full = seq.num_computed_tokens // self.block_size
-        for i, h in enumerate(self._chain(seq.token_ids[:full * self.block_size])):
+        for i, h in enumerate(self._chain(seq.token_ids[:full * self.block_size], seq.adapter_key)):
             b = seq.block_table[i]
             if self.block_hash[b] is None and h not in self.hash_to_block:
                 self.block_hash[b] = h

@@ -17,7 +17,8 @@ import torch
 
 from raymoe.platform.engine.uniform_batch import run_uniform, uniform_inputs
 from raymoe.platform.model import DeepseekV3ForCausalLM
-from raymoe.platform.model.moe import ExpertDispatch, RoutedExperts
+from raymoe.platform.model.moe import ExpertDispatch, ExpertLora, RoutedExperts
+from raymoe.platform.model.multi_lora import RowLoraDispatch
 
 log = logging.getLogger(__name__)
 
@@ -28,34 +29,46 @@ _EXPERTS: dict[int, object] = {}
 
 
 @torch.library.custom_op("raymoe::eager_experts", mutates_args=())
-def eager_experts(handle: int, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_w: torch.Tensor) -> torch.Tensor:
+def eager_experts(handle: int, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+                  slots: torch.Tensor | None, lora: list[torch.Tensor]) -> torch.Tensor:
     # x: [N, H]; topk_ids, topk_w: [N, k] -> routed output [N, H]
-    return _EXPERTS[handle](layer, x, topk_ids, topk_w)
+    # per-row LoRA: slots [N] (adapter slot of each token), lora: [a, b] stacks per weight of _LORA_WEIGHTS
+    factors = None
+    if slots is not None:
+        factors = {n: ExpertLora(lora[2 * i], lora[2 * i + 1], 1.0, slots) for i, n in enumerate(_LORA_WEIGHTS)}
+    return _EXPERTS[handle](layer, x, topk_ids, topk_w, factors)
 
 
 @eager_experts.register_fake
-def _(handle: int, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+def _(handle: int, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+      slots: torch.Tensor | None, lora: list[torch.Tensor]) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+_LORA_WEIGHTS = ("gate_up_proj", "down_proj")
 
 
 class _OpaqueDispatch(ExpertDispatch):
     """An MoE dispatch for the compiled step, wrapping the layer's dispatch (`inner`; None: its local experts).
     Local experts with at most 16 (token, expert) pairs are traced (their gathered-weights path has static shapes:
-    it fuses); anything larger, or any other dispatch, runs whole (send and wait) behind `eager_experts`."""
+    it fuses); anything larger, any other dispatch, or per-row LoRA factors (`multi_lora`: the slots and the
+    stacks travel as tensor arguments) run whole (send and wait) behind `eager_experts`."""
 
     def __init__(self, experts: RoutedExperts, inner: ExpertDispatch | None) -> None:
         self.experts, self.inner = experts, inner
         self.remote = inner is not None and inner.remote
         self.handle = len(_EXPERTS)
-        _EXPERTS[self.handle] = inner or (lambda _layer, x, i, w: experts(x, i, w))
+        _EXPERTS[self.handle] = inner or (lambda _layer, x, i, w, lora=None: experts(x, i, w, lora=lora))
 
     def send(self, layer, hidden, topk_ids, topk_w, lora=None):
         if lora:
-            raise ValueError("the compiled CPU step does not take LoRA factors")
+            if set(lora) != set(_LORA_WEIGHTS) or any(f.slots is None or f.scale != 1.0 for f in lora.values()):
+                raise ValueError("the compiled CPU step takes per-row LoRA stacks (multi_lora) only")
+            stacks = [t for n in _LORA_WEIGHTS for t in (lora[n].a, lora[n].b)]
+            return eager_experts(self.handle, layer, hidden, topk_ids, topk_w, lora["down_proj"].slots, stacks)
         if self.inner is None and topk_ids.numel() <= 16:
             return self.experts(hidden, topk_ids, topk_w)
-        return eager_experts(self.handle, layer, hidden, topk_ids, topk_w)
+        return eager_experts(self.handle, layer, hidden, topk_ids, topk_w, None, [])
 
     def wait(self, pending):
         return pending
@@ -70,8 +83,15 @@ class CompiledDecode:
         self.top_k = model.config.num_experts_per_tok
         self.seen: set[tuple] = set()
         for moe in model.moe_layers():
-            if not isinstance(moe.dispatch, _OpaqueDispatch):
-                moe.dispatch = _OpaqueDispatch(moe.experts, moe.dispatch)
+            # per-row LoRA stays outside (it hands its stacks and slots to the opaque op as tensors)
+            outer = moe.dispatch if isinstance(moe.dispatch, RowLoraDispatch) else None
+            inner = outer.inner if outer is not None else moe.dispatch
+            if not isinstance(inner, _OpaqueDispatch):
+                inner = _OpaqueDispatch(moe.experts, inner)
+            if outer is not None:
+                outer.inner = inner
+            else:
+                moe.dispatch = inner
         # Dynamo keeps at most cache_size_limit graphs per function and then runs it eagerly without a word; every
         # engine in a process adds its own few graphs (the guards hold `self`), so leave room for many engines
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -89,17 +109,19 @@ class CompiledDecode:
         return self.failed is None and q in self.query_lens and all(len(t) == q for t in tokens)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor, query_len: int) -> torch.Tensor:
-        return run_uniform(self.model, self.caches, self.bs, query_len, ids, positions, slots, tables, lens)
+                 lens: torch.Tensor, query_len: int, lora: torch.Tensor | None = None) -> torch.Tensor:
+        return run_uniform(self.model, self.caches, self.bs, query_len, ids, positions, slots, tables, lens,
+                           lora=lora)
 
     def _mtp_forward(self, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                      tables: torch.Tensor, lens: torch.Tensor, query_len: int) -> torch.Tensor:
         return run_uniform(self.model, self.caches, self.bs, query_len, ids, positions, slots, tables, lens, hidden)
 
-    def run(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int]) -> torch.Tensor | None:
-        """The step for B sequences computing q tokens each at positions starts[b].. -> hidden [B * q, H], or
-        None when compilation failed (the caller runs the eager model)."""
-        return self._call("main", self._step, None, tokens, tables, starts)
+    def run(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int],
+            lora: list[int] | None = None) -> torch.Tensor | None:
+        """The step for B sequences computing q tokens each at positions starts[b].. (lora[b]: sequence b's adapter
+        slot) -> hidden [B * q, H], or None when compilation failed (the caller runs the eager model)."""
+        return self._call("main", self._step, None, tokens, tables, starts, lora)
 
     def run_mtp(self, hidden: torch.Tensor, next_ids: list[list[int]], tables: list[list[int]],
                 starts: list[int]) -> torch.Tensor | None:
@@ -108,25 +130,26 @@ class CompiledDecode:
         return self._call("mtp", self._mtp_step, hidden, next_ids, tables, starts)
 
     def _call(self, which: str, fn, hidden: torch.Tensor | None, tokens: list[list[int]], tables: list[list[int]],
-              starts: list[int]) -> torch.Tensor | None:
+              starts: list[int], lora: list[int] | None = None) -> torch.Tensor | None:
         B, q = len(tokens), len(tokens[0])
         # width >= 2: a dimension of size 1 cannot stay symbolic
-        ids, pos, slots, table, lens = uniform_inputs(tokens, tables, starts, self.bs,
-                                                      width=max(2, max(len(t) for t in tables))).tensors()
+        inp = uniform_inputs(tokens, tables, starts, self.bs, width=max(2, max(len(t) for t in tables)), lora=lora)
+        ids, pos, slots, table, lens = inp.tensors()
         args = (ids, pos, slots, table, lens) if hidden is None else (hidden, ids, pos, slots, table, lens)
         # symbolic batch and width (maybe_: sizes tied to each other, B * q rows for B sequences, stay legal)
         torch._dynamo.maybe_mark_dynamic(table, 1)
         if B > 1:
-            for t in args:
+            for t in args + ((inp.lora,) if lora is not None else ()):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         # Once a shape class has a graph, evaluate only the guards that tell the existing graphs apart: the full
         # guard set (every parameter of the model) costs a quarter of a millisecond per step.
-        key = (which, q, B == 1, B * q * self.top_k <= 16)
+        key = (which, q, B == 1, B * q * self.top_k <= 16, lora is not None)
+        extra = {"lora": inp.lora} if lora is not None else {}
         try:
             if key in self.seen:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return fn(*args, q)
-            out = fn(*args, q)
+                    return fn(*args, q, **extra)
+            out = fn(*args, q, **extra)
             self.seen.add(key)
             return out
         except Exception as e:                                  # noqa: BLE001 - any compiler failure: stay eager

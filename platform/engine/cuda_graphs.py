@@ -3,7 +3,8 @@ buffers: decode (q = 1), MTP verification (q = k + 1) and MTP drafting (the MTP 
 
 A step of a small batch is dominated by kernel launches; replaying a captured graph removes them. Each graph reads
 its inputs from static buffers (token ids, positions, cache slots, block tables, lengths, and for the MTP module
-the hidden states it continues from) and writes the hidden states into a static output. Batches are padded up to
+the hidden states it continues from) and writes the hidden states into a static output. Per-row adapters (multi_lora) add the slot of each row as one more static
+input, in graphs of their own (a batch without adapters replays one without LoRA work). Batches are padded up to
 the next captured size: padding rows write their latents into a scratch block that no sequence owns and attend
 only to it. Context buckets (block-table widths) are powers of two, so a graph gathers at most twice the blocks it
 needs. Graphs are captured lazily.
@@ -47,18 +48,21 @@ class DecodeGraphs:
             w *= 2
         return min(w, self.max_blocks)
 
-    def _capture(self, mtp: bool, q: int, B: int, W: int):
+    def _capture(self, mtp: bool, q: int, B: int, W: int, lora: bool):
         if self.model.remote_experts():
             raise RuntimeError("refusing to capture a CUDA graph over remote expert dispatches")
-        init = uniform_inputs([[0] * q], [[self.scratch]], [0], self.bs, rows=B, width=W, pad_block=self.scratch)
+        init = uniform_inputs([[0] * q], [[self.scratch]], [0], self.bs, rows=B, width=W, pad_block=self.scratch,
+                              lora=[-1] if lora else None)
         buf = {name: t.to(self.device) for name, t in zip(_INPUTS, init.tensors())}
         if mtp:
             buf["hidden"] = torch.zeros(B * q, self.model.config.hidden_size, dtype=self.caches[0].dtype,
                                         device=self.device)
+        if lora:                                 # per-row adapters: the slot of each row, a static input too
+            buf["lora"] = init.lora.to(self.device)
 
         def run():
             return run_uniform(self.model, self.caches, self.bs, q, *(buf[name] for name in _INPUTS),
-                               hidden=buf.get("hidden"))
+                               hidden=buf.get("hidden"), lora=buf.get("lora"))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -72,25 +76,29 @@ class DecodeGraphs:
         return graph, buf
 
     def _replay(self, mtp: bool, hidden: torch.Tensor | None, tokens: list[list[int]], tables: list[list[int]],
-                starts: list[int]) -> torch.Tensor:
+                starts: list[int], lora: list[int] | None = None) -> torch.Tensor:
         b, q = len(tokens), len(tokens[0])
         B = next(s for s in self.sizes if s >= b)
         W = self._bucket(max(len(t) for t in tables))
-        key = (mtp, q, B, W)
+        key = (mtp, q, B, W, lora is not None)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(mtp, q, B, W)
+            self.graphs[key] = self._capture(mtp, q, B, W, lora is not None)
         graph, buf = self.graphs[key]
-        host = uniform_inputs(tokens, tables, starts, self.bs, rows=B, width=W, pad_block=self.scratch)
+        host = uniform_inputs(tokens, tables, starts, self.bs, rows=B, width=W, pad_block=self.scratch, lora=lora)
         for name, t in zip(_INPUTS, host.tensors()):
             buf[name].copy_(t, non_blocking=True)
+        if lora is not None:
+            buf["lora"].copy_(host.lora, non_blocking=True)
         if hidden is not None:
             buf["hidden"][:b * q].copy_(hidden)
         graph.replay()
         return buf["out"][:b * q]
 
-    def run(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """The main model for B sequences computing q tokens each at positions starts[b].. -> hidden [B * q, H]."""
-        return self._replay(False, None, tokens, tables, starts)
+    def run(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int],
+            lora: list[int] | None = None) -> torch.Tensor:
+        """The main model for B sequences computing q tokens each at positions starts[b].. (lora[b]: sequence b's
+        adapter slot) -> hidden [B * q, H]."""
+        return self._replay(False, None, tokens, tables, starts, lora)
 
     def run_mtp(self, hidden: torch.Tensor, next_ids: list[list[int]], tables: list[list[int]],
                 starts: list[int]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from raymoe.platform.config import EngineConfig, GrammarSpec, SamplingParams
+from raymoe.platform.engine.adapters import AdapterPool
 from raymoe.platform.engine.block_manager import BlockManager
 from raymoe.platform.engine.detokenizer import IncrementalDetokenizer
 from raymoe.platform.engine.grammar import (JSON_KINDS, GrammarCache, GrammarError, GrammarState, allocate_bitmask,
@@ -96,7 +97,9 @@ class LLMEngine:
         per_block = ModelRunner.cache_bytes_per_block(self.model, cfg.block_size, self.num_spec > 0, dtype)
         num_blocks = cfg.num_blocks or max(1, int(cfg.kv_cache_memory_gb * 2 ** 30 // per_block))
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(cfg, self.blocks)
+        self.adapter_pool = AdapterPool(self.model, cfg.max_loras, cfg.max_cpu_loras, cfg.max_lora_rank)
+        self.scheduler = Scheduler(cfg, self.blocks, self.adapter_pool)
+        self._lock = threading.RLock()   # a step, a load and an unload never interleave (servers call from threads)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.num_spec > 0,
                                   None if cfg.enforce_eager else cfg.cuda_graph_sizes, self.max_model_len,
                                   {1, self.num_spec + 1} if cfg.cpu_compile and not cfg.enforce_eager else None,
@@ -126,6 +129,10 @@ class LLMEngine:
         if params.grammar is not None and grammar is None:
             grammar = self.compile_grammar(params.grammar)
         seqs = [Sequence(request_id, prompt_ids, params, i) for i in range(params.n)]
+        if params.adapter is not None:
+            with self._lock:
+                for s in seqs:
+                    s.adapter_key = self.adapter_pool.use(params.adapter)
         self.requests[request_id] = seqs
         for s in seqs:
             if params.grammar is not None:
@@ -138,6 +145,8 @@ class LLMEngine:
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse, before any work, a request that can never run. Reads only immutable engine facts."""
+        if params.adapter is not None:
+            self.adapter_pool.key(params.adapter)        # AdapterNotFound for a name that is not loaded
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
@@ -171,18 +180,41 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         for s in self.requests.pop(request_id, []):
-            self.scheduler.abort(s)
+            if not s.is_finished:
+                self.scheduler.abort(s)
+                self._adapter_done(s)
             self.outs.pop(s.seq_id, None)
+
+    def _adapter_done(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            self.adapter_pool.done(seq.adapter)
+
+    # ---- adapters ------------------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> dict:
+        """Load the PEFT LoRA adapter at `path` as `name` for requests to ask for (SamplingParams.adapter);
+        checked against the base model (AdapterInvalid). Returns {"name", "rank", "targets"}. Running requests
+        are not touched."""
+        with self._lock:
+            return self.adapter_pool.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload `name` (AdapterNotFound if it is not loaded); requests already using it finish with it."""
+        with self._lock:
+            self.adapter_pool.unload(name)
+
+    def adapters(self) -> list[str]:
+        return self.adapter_pool.names()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def step(self) -> list[Delta]:
-        if self.ep is None:
-            return self._step()
-        with self.ep.stepping():             # a step never mixes two placement plans
-            return self._step()
+        with self._lock:
+            if self.ep is None:
+                return self._step()
+            with self.ep.stepping():             # a step never mixes two placement plans
+                return self._step()
 
     def _step(self) -> list[Delta]:
         sched = self.scheduler.schedule()
@@ -191,7 +223,8 @@ class LLMEngine:
         starts = [s.seq.num_computed_tokens for s in sched]
         tables = [s.seq.block_table for s in sched]
         inputs = [(s.seq.token_ids + s.seq.draft_ids)[st:st + s.num_tokens] for s, st in zip(sched, starts)]
-        hidden = self.runner.forward(inputs, tables, starts)
+        lora = [s.seq.lora_slot for s in sched]
+        hidden = self.runner.forward(inputs, tables, starts, lora if max(lora) >= 0 else None)
         offsets = [0]
         for s in sched:
             offsets.append(offsets[-1] + s.num_tokens)
@@ -252,6 +285,7 @@ class LLMEngine:
         deltas = [d for i, s in enumerate(sched) if (d := self._delta(s.seq, new_tokens.get(i, []),
                                                                        new_logprobs.get(i, []))) is not None]
         for seq in self.scheduler.remove_finished():
+            self._adapter_done(seq)
             self.outs.pop(seq.seq_id, None)
             reqs = self.requests.get(seq.request_id)
             if reqs is not None and all(x.is_finished for x in reqs):
@@ -443,4 +477,4 @@ class LLMEngine:
                 "kv_cache_usage": round(self.blocks.usage, 4), "num_blocks": self.blocks.num_blocks,
                 "prefix_cache_hits": self.blocks.prefix_hits, "preemptions": self.scheduler.num_preemptions,
                 "generation_tokens_per_s": round(sum(n for _, n in self._gen_times) / span, 2) if span else 0.0,
-                "total_generated_tokens": self.total_generated}
+                "total_generated_tokens": self.total_generated, "adapters": self.adapter_pool.stats()}

@@ -10,6 +10,7 @@ import torch
 
 from raymoe.platform.engine.compiled_decode import CompiledDecode
 from raymoe.platform.engine.cuda_graphs import DecodeGraphs
+from raymoe.platform.engine.uniform_batch import forward_with_adapters
 from raymoe.platform.model import DeepseekV3ForCausalLM, PagedAttention
 
 
@@ -62,15 +63,20 @@ class ModelRunner:
         return torch.tensor(positions, dtype=torch.long, device=self.device), meta
 
     @torch.inference_mode()
-    def forward(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int]) -> torch.Tensor:
-        # tokens[b]: the ids sequence b computes, at positions starts[b]..; -> final hidden [sum(len), H]
+    def forward(self, tokens: list[list[int]], tables: list[list[int]], starts: list[int],
+                lora: list[int] | None = None) -> torch.Tensor:
+        # tokens[b]: the ids sequence b computes, at positions starts[b]..; lora[b]: its adapter slot (-1: base;
+        # None: no adapter in the batch) -> final hidden [sum(len), H]
         if self.uniform is not None and self.uniform.can_run(tokens):
-            hidden = self.uniform.run(tokens, tables, starts)
+            hidden = self.uniform.run(tokens, tables, starts, lora)
             if hidden is not None:
                 return hidden
         positions, meta = self._meta(tables, starts, [len(t) for t in tokens])
         ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long, device=self.device)
-        return self.model.forward_cached(ids, positions, self.caches, meta)
+        if lora is None:
+            return self.model.forward_cached(ids, positions, self.caches, meta)
+        slots = torch.tensor([s for s, t in zip(lora, tokens) for _ in t], dtype=torch.long, device=self.device)
+        return forward_with_adapters(self.model, slots, ids, positions, self.caches, meta)
 
     @torch.inference_mode()
     def mtp(self, hidden: torch.Tensor, next_ids: list[list[int]], tables: list[list[int]],

@@ -5,6 +5,7 @@ token plus its MTP drafts, a sequence mid-prefill takes a chunk of what the budg
 join while budget, the sequence cap and free cache blocks allow (admission by KV capacity), so a 131,072-token
 prompt is processed in chunks while other requests keep decoding. When a running sequence cannot get a block,
 the most recently admitted running sequence is preempted (its cache freed, recomputed later) instead of failing.
+A sequence with a LoRA adapter also needs a device slot for it (`AdapterPool.acquire`), pinned while it runs.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from raymoe.platform.config import EngineConfig
+from raymoe.platform.engine.adapters import AdapterPool
 from raymoe.platform.engine.block_manager import BlockManager
 from raymoe.platform.engine.sequence import Sequence, Status
 
@@ -28,8 +30,8 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, blocks: BlockManager) -> None:
-        self.cfg, self.blocks = cfg, blocks
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager, adapters: AdapterPool | None = None) -> None:
+        self.cfg, self.blocks, self.adapters = cfg, blocks, adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -44,6 +46,7 @@ class Scheduler:
         done = [s for s in self.running if s.is_finished]
         for s in done:
             self.blocks.free_seq(s)
+            self._unpin(s)
         self.running = [s for s in self.running if not s.is_finished]
         return done
 
@@ -55,10 +58,18 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.blocks.free_seq(seq)
+        self._unpin(seq)
+
+    def _unpin(self, seq: Sequence) -> None:
+        """Let go of the device slot of the sequence's adapter (an unpinned slot may be evicted)."""
+        if seq.lora_slot >= 0:
+            self.adapters.release(seq.lora_slot)
+            seq.lora_slot = -1
 
     def _preempt(self, victim: Sequence) -> None:
         self.running.remove(victim)
         self.blocks.free_seq(victim)
+        self._unpin(victim)
         victim.reset_for_recompute()
         self.waiting.appendleft(victim)
         self.num_preemptions += 1
@@ -92,7 +103,13 @@ class Scheduler:
                 if out:
                     break                     # whole prompt next step, when the budget is free
                 budget = seq.num_uncomputed   # alone, in one piece
+            if seq.adapter is not None:
+                seq.lora_slot = self.adapters.acquire(seq.adapter)
+                if seq.lora_slot is None:     # every adapter slot is pinned by running sequences of others
+                    seq.lora_slot = -1
+                    break
             if not self.blocks.allocate_prompt(seq, budget):
+                self._unpin(seq)
                 break                         # admission by KV-cache capacity
             n = min(seq.num_uncomputed, budget)
             self.waiting.popleft()

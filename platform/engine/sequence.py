@@ -42,6 +42,9 @@ class Sequence:
         self.spec_accepted = 0
         self.num_preemptions = 0
         self.output_counts: Counter[int] = Counter()
+        self.adapter: str | None = params.adapter
+        self.adapter_key = 0                   # the adapter's load id (keys prefix-cache blocks); 0: base model
+        self.lora_slot = -1                    # device slot of its adapter while running (-1: none held)
         self.generator: torch.Generator | None = None
         self.grammar = None                    # GrammarState (engine/grammar.py) of a constrained request
         if params.seed is not None:

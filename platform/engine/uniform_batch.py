@@ -20,15 +20,17 @@ class UniformInputs:
     slots: torch.Tensor      # [R * q] long: flat cache slot of each new token
     tables: torch.Tensor     # [R, W] long
     lens: torch.Tensor       # [R] long: context length after this step
+    lora: torch.Tensor | None = None   # [R * q] long: adapter slot of each token (-1: base); None: no adapters
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.ids, self.positions, self.slots, self.tables, self.lens
 
 
 def uniform_inputs(tokens: list[list[int]], tables: list[list[int]], starts: list[int], block_size: int,
-                   rows: int | None = None, width: int | None = None, pad_block: int = 0) -> UniformInputs:
+                   rows: int | None = None, width: int | None = None, pad_block: int = 0,
+                   lora: list[int] | None = None) -> UniformInputs:
     """tokens[b]: the q ids sequence b computes at positions starts[b]..; rows/width: pad to R sequences and W
-    table columns (default: exactly B and the widest table)."""
+    table columns (default: exactly B and the widest table); lora[b]: sequence b's adapter slot (padding: -1)."""
     B, q = len(tokens), len(tokens[0])
     R = rows or B
     W = width or max(len(t) for t in tables)
@@ -41,16 +43,34 @@ def uniform_inputs(tokens: list[list[int]], tables: list[list[int]], starts: lis
     block = table.repeat_interleave(q, dim=0).gather(1, (pos // block_size)[:, None]).squeeze(1)
     ids = torch.zeros(R * q, dtype=torch.long)
     ids[:B * q] = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
-    return UniformInputs(ids, pos, block * block_size + pos % block_size, table, first + q)
+    slots = None
+    if lora is not None:
+        slots = torch.full((R, q), -1, dtype=torch.long)
+        slots[:B] = torch.tensor(lora, dtype=torch.long)[:, None]
+        slots = slots.reshape(-1)
+    return UniformInputs(ids, pos, block * block_size + pos % block_size, table, first + q, slots)
 
 
 def run_uniform(model: DeepseekV3ForCausalLM, caches: list[torch.Tensor], block_size: int, query_len: int,
                 ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-                lens: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+                lens: torch.Tensor, hidden: torch.Tensor | None = None, lora: torch.Tensor | None = None) -> torch.Tensor:
     """One uniform step over device tensors: the main model, or (with `hidden`, what it continues from) the MTP
-    module. What a CUDA graph captures and what torch.compile traces."""
-    # ids, positions, slots: [B * q]; tables: [B, W]; lens: [B]; hidden: [B * q, H] -> hidden [B * q, H]
+    module. What a CUDA graph captures and what torch.compile traces. `lora`: the adapter slot of each token
+    (multi_lora), bound for this forward only."""
+    # ids, positions, slots, lora: [B * q]; tables: [B, W]; lens: [B]; hidden: [B * q, H] -> hidden [B * q, H]
     meta = PagedAttention.uniform(slots, tables, lens, query_len, block_size)
-    if hidden is None:
+    if hidden is not None:
+        return model.mtp_forward_cached(hidden, ids, positions, caches, meta)
+    if lora is None:
         return model.forward_cached(ids, positions, caches, meta)
-    return model.mtp_forward_cached(hidden, ids, positions, caches, meta)
+    return forward_with_adapters(model, lora, ids, positions, caches, meta)
+
+
+def forward_with_adapters(model: DeepseekV3ForCausalLM, lora: torch.Tensor, *args) -> torch.Tensor:
+    """model.forward_cached(*args) with per-row adapters: `lora` [N] the slot of each token (-1: base)."""
+    rows = model.row_lora.rows
+    rows.bind(lora)
+    try:
+        return model.forward_cached(*args)
+    finally:
+        rows.bind(None)

@@ -15,6 +15,7 @@ from torch import nn
 
 from raymoe.platform.config import ModelConfig
 from raymoe.platform.model import fused
+from raymoe.platform.model.multi_lora import LoraLinear, LoraRows
 from raymoe.platform.model.attention import PagedAttention, causal_latent_attention, paged_latent_attention
 from raymoe.platform.model.norm import RMSNorm
 from raymoe.platform.model.rope import RotaryEmbedding
@@ -67,16 +68,47 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim:]   # [H, nope, R], [H, v, R]
 
+    def _row_lora(self) -> tuple[LoraRows, torch.Tensor, torch.Tensor] | None:
+        """kv_b_proj's per-row LoRA, when rows are bound: (rows, a [S, r, R], b [S, H, nope + v, r])."""
+        kv_b = self.kv_b_proj
+        if not isinstance(kv_b, LoraLinear) or kv_b.rows.slots is None:
+            return None
+        b = kv_b.lora_b
+        return kv_b.rows, kv_b.lora_a, b.view(b.shape[0], self.n_heads, self.nope_dim + self.v_dim, b.shape[-1])
+
     def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
         # q_nope: [N, H, nope], q_pe: [N, H, rope] -> [N, H, R + rope]
         w_uk, _ = self._w_uk_uv()
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)        # per head: [N, nope] @ [nope, R]
+        lora = self._row_lora()
+        if lora is not None:     # kv_b_proj's LoRA absorbed per row: q_h (W_uk,h + B_uk,h A) = q_lat + (q_h B_uk,h) A
+            rows, a, b = lora
+            N, H, _ = q_nope.shape
+            dt = q_nope.dtype
+            b_uk = b[:, :, :self.nope_dim].reshape(-1, self.nope_dim, b.shape[-1]).to(dt)     # [S * H, nope, r]
+            seg = rows.head_slots
+            low = seg.unsort(torch.where(seg.held, seg.mm(seg.sort(q_nope.reshape(N * H, -1)), b_uk), 0))
+            seg = rows.token_heads
+            d = torch.where(seg.held, seg.mm(seg.sort(low), a.to(dt)), 0)                         # [N * H, R]
+            q_lat = seg.add_to(q_lat.reshape(N * H, -1), d).view(N, H, -1)
         return torch.cat([q_lat, q_pe], dim=-1)
 
     def absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
         # o_lat: [N, H, R] -> [N, hidden]
         _, w_uv = self._w_uk_uv()
         o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)   # per head: [N, R] @ [R, v]
+        lora = self._row_lora()
+        if lora is not None:     # o_h += (o_lat,h A^T) B_uv,h^T
+            rows, a, b = lora
+            N, H, _ = o_lat.shape
+            dt = o_lat.dtype
+            b_uv = b[:, :, self.nope_dim:].reshape(-1, self.v_dim, b.shape[-1]).to(dt)        # [S * H, v, r]
+            seg = rows.token_heads
+            low = seg.unsort(torch.where(seg.held, seg.mm(seg.sort(o_lat.reshape(N * H, -1)),
+                                                          a.to(dt).transpose(1, 2)), 0))      # [N * H, r]
+            seg = rows.head_slots
+            d = torch.where(seg.held, seg.mm(seg.sort(low), b_uv.transpose(1, 2)), 0)        # [N * H, v]
+            o = seg.add_to(o.reshape(N * H, -1).contiguous(), d).view(N, H, -1)
         return self.o_proj(o.reshape(o.shape[0], -1))
 
     # ---- the three paths -----------------------------------------------------------------------------------------

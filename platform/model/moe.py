@@ -122,10 +122,13 @@ class Gate(nn.Module):
 @dataclass(frozen=True)
 class ExpertLora:
     """A LoRA update of one stacked expert weight, kept factored: W_e + scale * b[e] @ a[e] for held expert e.
-    a: [E, r, in], b: [E, out, r] (views of the trainer's parameters: gradients flow back through them)."""
+    a: [E, r, in], b: [E, out, r] (views of the trainer's parameters: gradients flow back through them).
+    With `slots` ([N] long, the adapter slot of each token, -1: none) the factors stack S adapters, adapter-major:
+    a [S * E, r, in], b [S * E, out, r]; token n's rows on expert e use a[slots[n] * E + e] (per-row LoRA)."""
     a: torch.Tensor
     b: torch.Tensor
     scale: float
+    slots: torch.Tensor | None = None
 
 
 @functools.cache
@@ -300,21 +303,38 @@ class RoutedExperts(nn.Module):
         partial = self.count < self.n_total
         if partial and torch.is_grad_enabled():    # rows past the last group get an undefined input gradient
             xs = torch.where(held[order][:, None], xs, 0)
-        h = self._grouped_proj(xs, "gate_up_proj", offs, lora)                # [N*k, 2I]
+        rows = self._row_segments(key, order, k, lora)
+        h = self._grouped_proj(xs, "gate_up_proj", offs, lora, rows)          # [N*k, 2I]
         act = fused.swiglu(h)
-        y = self._grouped_proj(act.contiguous(), "down_proj", offs, lora)     # [N*k, H]
+        y = self._grouped_proj(act.contiguous(), "down_proj", offs, lora, rows)   # [N*k, H]
         if partial:
             y = torch.where(held[order][:, None], y, 0)                       # rows past the last group: undefined
         return _Combine.apply(y, topk_w, order, inv, fuse).to(x.dtype)
 
+    def _row_segments(self, key: torch.Tensor, order: torch.Tensor, k: int, lora: dict[str, ExpertLora] | None):
+        """Per-row LoRA: the expert-sorted rows grouped again by (adapter slot, expert), rows of no adapter (or of
+        experts held elsewhere) last, as `multi_lora.Segments`; None without per-row factors."""
+        f = next((f for f in (lora or {}).values() if f.slots is not None), None)
+        if f is None:
+            return None
+        from raymoe.platform.model.multi_lora import Segments
+        S = f.a.shape[0] // self.count
+        slot = f.slots.index_select(0, order // k)                            # [N*k] of each sorted row
+        e = key.index_select(0, order)                                        # local expert (count: elsewhere)
+        return Segments(torch.where((slot >= 0) & (e < self.count), slot * self.count + e, S * self.count),
+                        S * self.count)
+
     def _grouped_proj(self, x: torch.Tensor, name: str, offs: torch.Tensor,
-                      lora: dict[str, ExpertLora] | None) -> torch.Tensor:
-        """x W_e^T (+ scale * (x A_e^T) B_e^T) for each expert's rows: the LoRA term as two rank-r grouped GEMMs."""
+                      lora: dict[str, ExpertLora] | None, rows=None) -> torch.Tensor:
+        """x W_e^T (+ scale * (x A_e^T) B_e^T) for each expert's rows: the LoRA term as two rank-r grouped GEMMs
+        (per-row LoRA: over the rows regrouped by adapter and expert, `rows`)."""
         # x: [M, in] sorted by expert, offs: [E] group ends -> [M, out]
         y = torch._grouped_mm(x, getattr(self, name).transpose(1, 2), offs=offs)
         f = lora.get(name) if lora else None
         if f is None:
             return y
+        if f.slots is not None:
+            return rows.add_to(y, rows.lora(x, f.a.to(x.dtype), f.b.to(x.dtype)))
         a, b = f.a.to(x.dtype), f.b.to(x.dtype)
         pad = -a.shape[1] % (16 // x.element_size())   # the kernel wants 16-byte rows; zero rank changes nothing
         if pad:
@@ -340,17 +360,24 @@ class RoutedExperts(nn.Module):
             if n == 0:
                 continue
             r = rows[start:start + n]
-            y = self._linear(fused.swiglu(self._linear(x[r], "gate_up_proj", e, lora)), "down_proj", e, lora)
+            y = self._linear(fused.swiglu(self._linear(x[r], "gate_up_proj", e, lora, r)), "down_proj", e, lora, r)
             out.index_add_(0, r, y * weights[start:start + n, None])
             start += n
         return out
 
-    def _linear(self, x: torch.Tensor, name: str, e: int, lora: dict[str, ExpertLora] | None) -> torch.Tensor:
-        # x: [n, in] rows of held expert e -> [n, out]
+    def _linear(self, x: torch.Tensor, name: str, e: int, lora: dict[str, ExpertLora] | None,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [n, in] rows of held expert e (of `tokens` [n]) -> [n, out]
         y = F.linear(x, getattr(self, name)[e])
         f = lora.get(name) if lora else None
         if f is None:
             return y
+        if f.slots is not None:                      # per-row: each row's adapter's factors of expert e, gathered
+            slot = f.slots[tokens]
+            g = slot.clamp(min=0) * self.count + e
+            low = torch.bmm(x[:, None, :], f.a[g].to(x.dtype).transpose(1, 2))               # [n, 1, r]
+            d = torch.bmm(low, f.b[g].to(x.dtype).transpose(1, 2)).squeeze(1) * f.scale      # [n, out]
+            return y + torch.where((slot >= 0)[:, None], d, 0)
         return y + F.linear(F.linear(x, f.a[e].to(x.dtype)), f.b[e].to(x.dtype)) * f.scale
 
 

@@ -149,15 +149,23 @@ def serve(
                                           "YAML of app args; the options above override it"),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: $RAY_ADDRESS, else start a "
                                           "local one)"),
+    lora_root: Optional[str] = typer.Option(None, help="folder (or s3:// / gs:// URL) of LoRA adapters, one PEFT "
+                                            "directory per adapter name; served as model=<name>"),
+    lora_modules: list[str] = typer.Option([], help="NAME=PATH of a LoRA adapter loaded at start (repeatable; "
+                                           "several NAME=PATH in one value, space-separated, also work)"),
+    max_loras: Optional[int] = typer.Option(None, help="LoRA adapters resident per replica"),
 ) -> None:
     """Serve the OpenAI-compatible API (Ray Serve) and stay up; prints the base URL."""
-    from raymoe.deployments.local import read_config, serve_forever
+    from raymoe.deployments.local import parse_lora_modules, read_config, serve_forever
 
     try:
         args, prefix = read_config(config) if config else ({}, "/")
-        for key, value in (("model", model and str(model)), ("ep", ep), ("api_key_env", api_key_env)):
+        for key, value in (("model", model and str(model)), ("ep", ep), ("api_key_env", api_key_env),
+                           ("lora_root", lora_root), ("max_loras", max_loras)):
             if value is not None:
                 args[key] = value
+        if lora_modules:
+            args["lora_modules"] = {**(args.get("lora_modules") or {}), **parse_lora_modules(lora_modules)}
         if api_key_env and not os.environ.get(api_key_env):
             fail(f"--api-key-env {api_key_env}: the variable is not set")
         serve_forever(args, host=host, port=port, address=address, route_prefix=prefix,

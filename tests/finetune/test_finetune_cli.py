@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from ft_helpers import CONFIGS, REPO
+from ray_helpers import ray_head_node
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -46,49 +42,10 @@ def test_bad_dataset_line_fails_in_one_line_before_training(tiny32, tmp_path):
         "transformers 5 rewrites bare gate_proj/up_proj/down_proj targets to the routed experts)", p.stderr
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture
 def ray_head():
-    """`ray start --head --block` on loopback with its own ports and temp dir. Stopped by signalling that process
-    (it takes its node's processes down with it): `ray stop` would kill every Ray process on the machine."""
-    gcs, dash, client, agent = _free_ports(4)
-    tmp = tempfile.mkdtemp(prefix="rmft", dir="/tmp")          # short: Ray's unix socket paths must stay < 108
-    log = open(Path(tmp) / "ray-start.log", "w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
-         "--dashboard-agent-listen-port", str(agent), "--num-cpus", "2", "--temp-dir", tmp],
-        stdout=log, stderr=subprocess.STDOUT, env=_env())
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"ray start failed: {(Path(tmp) / 'ray-start.log').read_text()[-2000:]}")
-                time.sleep(1)
+    with ray_head_node(VENV_BIN, _env()) as address:
         yield address
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_ray_job_submit_produces_the_adapter(ray_head, tiny32, tmp_path):

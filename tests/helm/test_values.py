@@ -104,10 +104,11 @@ def test_every_schema_property_is_in_values_yaml():
 
 def test_engine_schema_matches_engine_config():
     """serve.engine is closed in the schema (a typo fails at install, not on a replica later), so it must list
-    exactly EngineConfig's fields; `model` and `parallel` are set by the chart."""
+    exactly EngineConfig's fields; `model`, `parallel` and the LoRA sizes (serve.lora) are set by the chart."""
+    from raymoe.deployments.config import LORA_ENGINE_KEYS
     from raymoe.platform.config import EngineConfig
     assert set(SCHEMA["properties"]["serve"]["properties"]["engine"]["properties"]) == \
-        set(EngineConfig.model_fields) - {"model", "parallel"}
+        set(EngineConfig.model_fields) - {"model", "parallel", *LORA_ENGINE_KEYS}      # LoRA's: serve.lora
     from raymoe.platform.config import ParallelConfig
     ep = SCHEMA["properties"]["serve"]["properties"]["expertParallel"]["properties"]
     assert set(ep["transport"]["enum"]) == {"local", "ray", "collective"}

@@ -1,14 +1,17 @@
 """Serving fixtures: ONE Serve app for the session (`served`), on the session's Ray cluster, on a free port.
 
 Its config scales the model deployment between 1 and 2 replicas with short delays, so the autoscaling test runs on
-the same app the API tests use. The one app with a different config (`tight`: an API key, a small body limit, a
+the same app the API tests use; it serves LoRA adapters from `lora_root` (and one preloaded from lora_modules). The one app with a different config (`tight`: an API key, a small body limit, a
 queue bound of one) shares the port under its own route prefix. Serve shuts down when the session ends.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from serve_helpers import TEST_AUTOSCALING, TIGHT_KEY, Served, app_args, deploy, free_port
+from serve_helpers import (LORA_MAX_LORAS, LORA_MAX_RANK, TEST_AUTOSCALING, TIGHT_KEY, Served, app_args, deploy,
+                           free_port, make_adapter)
 
 
 @pytest.fixture(scope="session")
@@ -22,10 +25,23 @@ def serve_http(ray_cluster):
 
 
 @pytest.fixture(scope="session")
-def served(serve_http, tiny_ckpt_fp32) -> Served:
-    return deploy(serve_http, "main", "/", app_args(tiny_ckpt_fp32, autoscaling=TEST_AUTOSCALING,
-                                                      max_ongoing_requests=8, max_queued_requests=64,
-                                                      reasoning=True))
+def lora_root(tmp_path_factory) -> Path:
+    """The main app's adapter root (lora_root): tests write adapters here and serve them by folder name."""
+    return tmp_path_factory.mktemp("lora-root")
+
+
+@pytest.fixture(scope="session")
+def preloaded_adapter(tiny_ckpt_fp32, tmp_path_factory) -> Path:
+    """An adapter outside lora_root that the main app preloads as lora_modules {"preloaded": <it>}."""
+    return make_adapter(tiny_ckpt_fp32, tmp_path_factory.mktemp("modules") / "preloaded", seed=7)
+
+
+@pytest.fixture(scope="session")
+def served(serve_http, tiny_ckpt_fp32, lora_root, preloaded_adapter) -> Served:
+    return deploy(serve_http, "main", "/", app_args(
+        tiny_ckpt_fp32, autoscaling=TEST_AUTOSCALING, max_ongoing_requests=8, max_queued_requests=64,
+        lora_root=str(lora_root), lora_modules={"preloaded": str(preloaded_adapter)}, max_loras=LORA_MAX_LORAS,
+        max_cpu_loras=2, max_lora_rank=LORA_MAX_RANK, reasoning=True))
 
 
 @pytest.fixture(scope="session")

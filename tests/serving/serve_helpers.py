@@ -10,6 +10,8 @@ import httpx
 TEST_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 0.5,
                     "downscale_delay_s": 3.0, "metrics_interval_s": 0.25, "look_back_period_s": 1.0}
 TIGHT_KEY = "sekrit-key"
+LORA_MAX_LORAS = 2          # the main app's adapters per replica (fewer than the tests use: Serve's LRU evicts)
+LORA_MAX_RANK = 8           # the main app's max_lora_rank (a rank-16 adapter is refused)
 
 
 def free_port() -> int:
@@ -65,3 +67,22 @@ def assert_openai_error(r, status: int) -> dict:
     for leak in ("Traceback", "errors.pydantic.dev", 'File "', "input_value"):
         assert leak not in err["message"], err
     return err
+
+
+def make_adapter(base, out, targets=("all",), rank: int = 4, seed: int = 0, std: float = 0.2):
+    """A real PEFT adapter for the checkpoint `base` (finetune's own LoRA set-up and save), with random factors so
+    that it changes the model's answers (a fresh adapter has B = 0)."""
+    import torch
+
+    from raymoe.finetune.config import LoraConfigSpec
+    from raymoe.finetune.lora import apply_lora, plan_lora, save_adapter
+    from raymoe.platform.model import from_pretrained
+    spec = LoraConfigSpec(rank=rank, alpha=2 * rank, targets=list(targets))
+    model = from_pretrained(base, dtype=torch.float32)
+    pm = apply_lora(model, spec, plan_lora(model, spec), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return save_adapter(pm, out, str(base))

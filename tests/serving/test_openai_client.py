@@ -72,7 +72,8 @@ def test_completions_with_logprobs_and_echo(served):
 def test_models_list_and_tokenize_roundtrip(served):
     c = served.client()
     models = c.models.list().data
-    assert [m.id for m in models] == [served.name]
+    assert models[0].id == served.name and getattr(models[0], "parent", None) is None   # then its LoRA adapters
+    assert all(m.parent == served.name for m in models[1:])
     tok = httpx.post(f"{served.url}/tokenize", json={"prompt": "Hello, world!"}).json()
     assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 131072
     back = httpx.post(f"{served.url}/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"]

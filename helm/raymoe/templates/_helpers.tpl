@@ -115,6 +115,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $engine "parallel" (dict "num_shards" $ep.numShards "transport" $ep.transport "cpus_per_shard" $ep.cpusPerShard "gpus_per_shard" $ep.gpusPerShard "placement_strategy" $ep.placementStrategy) }}
 {{- end }}
 {{- $_ := set $args "engine" $engine }}
+{{- $lora := $s.lora }}
+{{- if $lora.enabled }}
+{{- $_ := set $args "lora_root" .Values.adapters.root }}
+{{- $_ := set $args "max_loras" $lora.maxLoras }}
+{{- $_ := set $args "max_cpu_loras" $lora.maxCpuLoras }}
+{{- $_ := set $args "max_lora_rank" $lora.maxLoraRank }}
+{{- with $lora.modules }}{{ $_ := set $args "lora_modules" . }}{{ end }}
+{{- end }}
 {{- toYaml $args }}
 {{- end }}
 

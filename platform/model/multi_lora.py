@@ -1,0 +1,222 @@
+"""Per-row LoRA: many adapters applied in one batch, each row with its own, factored and never merged.
+
+Owns the stacked factor buffers of every LoRA-capable weight of the main decoder layers and the math that applies
+them: y += (x A_s^T) (s B_s)^T for the adapter slot s of each row, as grouped GEMMs over rows sorted by slot (the
+idea of Punica's SGMV / S-LoRA: one batched product per weight for all adapters of the batch, never a loop over
+adapters). Slot -1 is the base model: its rows sort past the last group and cost no GEMM work.
+
+- `LoraRows`: the batch's only LoRA input, the adapter slot of each token, bound for one forward (`bind`) by
+  whoever runs the model; every LoRA module of the model reads it. Unbound, every module is exactly its base.
+- `LoraLinear`: an nn.Linear (attention projections, dense and shared-expert MLPs) with stacks
+  `lora_a` [S, R, in] and `lora_b` [S, out, R] (the scale folded into B); it stays an nn.Linear, same weight.
+- `RowLoraDispatch`: the MoE dispatch wrapper that hands the routed experts' stacks ([S * E, R, in] and
+  [S * E, out, R], adapter-major) with the rows' slots down to `RoutedExperts` as `ExpertLora`.
+- `MLA` reads kv_b_proj's stacks itself, since its absorbed path never calls kv_b_proj.
+
+Buffers are preallocated (S = max adapters resident, R = max rank; smaller ranks are zero-padded), so loading an
+adapter is a copy into a slot: CUDA graphs and compiled steps see it without recapture. Nothing here knows PEFT,
+files or engines; `install` adds the buffers to a model once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.platform.model.moe import ExpertDispatch, ExpertLora, MoE, _cpu_grouped_mm
+
+
+class Segments:
+    """Rows grouped for a grouped GEMM: `key` [M] gives each row's group in 0..count-1, or `count` for none.
+    Rows are sorted by group (stable; those with none last) and `offs` [count] holds the group ends."""
+
+    def __init__(self, key: torch.Tensor, count: int) -> None:
+        self.count = count
+        self.order = key.argsort(stable=True)                                           # [M]
+        sizes = torch.zeros(count + 1, dtype=torch.int32, device=key.device)
+        sizes.index_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+        self.offs = sizes[:-1].cumsum(0, dtype=torch.int32)                             # [count]
+        self.key = key.index_select(0, self.order)                                      # [M] sorted
+        self.held = (self.key < count)[:, None]                                         # [M, 1]
+
+    def sort(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, self.order)
+
+    def mm(self, xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """xs @ w[g] for the rows of each group g. xs: [M, in] sorted; w: [count, in, out] -> [M, out] sorted, with
+        undefined values on rows of no group (mask with `held`)."""
+        if _grouped_ok(xs, w):
+            return torch._grouped_mm(xs, w, offs=self.offs)
+        g = self.key.clamp(max=self.count - 1)                       # a gathered product per row (any device, dtype)
+        return torch.bmm(xs[:, None, :], w.index_select(0, g)).squeeze(1)
+
+    def lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The factored update of each row: (x a_g^T) b_g^T, zero on rows of no group; rows in x's order.
+        x: [M, in]; a: [count, R, in]; b: [count, out, R] -> [M, out] (sorted rows, see `add_to`)."""
+        xs = self.sort(x)
+        low = self.mm(xs, a.transpose(1, 2))                                            # [M, R]
+        return torch.where(self.held, self.mm(low, b.transpose(1, 2)), 0)              # [M, out]
+
+    def add_to(self, y: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """y [M, out] (rows in the original order) += ys [M, out] (sorted rows); in place, returns y."""
+        return y.index_add_(0, self.order, ys.to(y.dtype))
+
+    def unsort(self, ys: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(ys).index_copy_(0, self.order, ys)
+
+
+def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch's grouped GEMM serves x @ w[g]: CUDA bf16, or the CPU where it has the kernel for the dtype; rows and
+    weight strides 16-byte aligned."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.is_cuda:
+        ok = x.dtype == torch.bfloat16
+    else:
+        ok = x.device.type == "cpu" and _cpu_grouped_mm(x.dtype)
+    align = 16 // x.element_size()
+    return ok and x.shape[1] % align == 0 and w.shape[1] % align == 0 and w.shape[2] % align == 0
+
+
+class LoraRows:
+    """The adapter slot of each token of the batch being computed (None: no adapter anywhere, every module is its
+    base), and its groupings, shared by all LoRA modules of one model. `slots` is an input of the step: the runner
+    binds it (a CUDA graph's static buffer, a compiled step's argument) and unbinds it after the forward."""
+
+    def __init__(self, max_loras: int, heads: int) -> None:
+        self.max_loras, self.heads = max_loras, heads
+        self.slots: torch.Tensor | None = None
+        self.tokens: Segments | None = None        # rows = tokens, group = slot
+        self.token_heads: Segments | None = None   # rows = (token, head), group = slot
+        self.head_slots: Segments | None = None    # rows = (token, head), group = (slot, head)
+
+    def bind(self, slots: torch.Tensor | None) -> None:
+        # slots: [N] long, -1 = base
+        self.slots = slots
+        if slots is None:
+            self.tokens = self.token_heads = self.head_slots = None
+            return
+        S, H = self.max_loras, self.heads
+        key = torch.where(slots >= 0, slots, S)                                       # [N]
+        self.tokens = Segments(key, S)
+        per_head = key.repeat_interleave(H)                                             # [N * H]
+        self.token_heads = Segments(per_head, S)
+        head = torch.arange(H, device=slots.device).repeat(slots.shape[0])
+        self.head_slots = Segments(torch.where(per_head < S, per_head * H + head, S * H), S * H)
+
+
+class LoraLinear(nn.Linear):
+    """An nn.Linear whose rows may each carry an adapter: base(x) + (x A_s^T) (s B_s)^T for slot s of the row.
+    Made from an existing nn.Linear by `install` (same module, weight and name; two buffers more)."""
+    lora_a: torch.Tensor     # [S, R, in]
+    lora_b: torch.Tensor     # [S, out, R], scale folded in
+    rows: LoraRows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, in] -> [N, out]
+        y = F.linear(x, self.weight, self.bias)
+        seg = self.rows.tokens
+        if seg is None:
+            return y
+        return seg.add_to(y, seg.lora(x, self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)))
+
+
+class RowLoraDispatch(ExpertDispatch):
+    """MoE.dispatch of a layer whose routed experts carry per-row adapters: wraps the layer's dispatch (`inner`,
+    else its local experts) and, while rows are bound, hands the stacks and the slots down as `ExpertLora`."""
+
+    def __init__(self, moe: MoE, rows: LoraRows, max_rank: int) -> None:
+        self.experts = moe.experts
+        self.inner: ExpertDispatch | None = moe.dispatch      # None: the layer's own experts
+        if self.remote:
+            raise ValueError(f"layer {moe.layer}: per-request adapters on routed experts are not carried to remote "
+                             f"expert shards")
+        self.rows = rows
+        ex = moe.experts
+        S, E = rows.max_loras, ex.count
+        p = ex.gate_up_proj
+        self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in ("gate_up_proj", "down_proj"):
+            _, out_f, in_f = getattr(ex, name).shape
+            self.stacks[name] = (p.new_zeros(S * E, max_rank, in_f), p.new_zeros(S * E, out_f, max_rank))
+
+    @property
+    def remote(self) -> bool:
+        return self.inner is not None and self.inner.remote
+
+    def send(self, layer, hidden, topk_ids, topk_w, lora=None):
+        slots = self.rows.slots
+        if slots is not None:
+            lora = dict(lora or {}) | {n: ExpertLora(a, b, 1.0, slots) for n, (a, b) in self.stacks.items()}
+        if self.inner is None:
+            return self.experts(hidden, topk_ids, topk_w, lora=lora)
+        return self.inner.send(layer, hidden, topk_ids, topk_w, lora)
+
+    def wait(self, pending):
+        return pending if self.inner is None else self.inner.wait(pending)
+
+
+class RowLora:
+    """What `install` gave a model: the rows and the stacks of every LoRA-capable weight, by parameter name
+    (`model.layers.0.self_attn.q_a_proj.weight`, `model.layers.1.mlp.experts.gate_up_proj`, ...): (a, b, experts)
+    with a [S, R, in] / b [S, out, R] for a linear weight, [S * E, R, in] / [S * E, out, R] for stacked experts."""
+
+    def __init__(self, rows: LoraRows, max_rank: int) -> None:
+        self.rows, self.max_rank = rows, max_rank
+        self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self.expert_ids: dict[str, list[int]] = {}    # stacked-expert weight -> the global expert ids it holds
+
+    @torch.no_grad()
+    def write(self, slot: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put one adapter into `slot`: factors[name] = (a [r, in], b [out, r]) or, for stacked experts, the
+        adapter's (a [E_all, r, in], b [E_all, out, r]); scale already in b. Weights it does not name get zeros."""
+        for name, (A, B, experts) in self.stacks.items():
+            a = A.view(-1, experts, *A.shape[1:])[slot]          # [E, R, in] (E = 1 for a linear weight)
+            b = B.view(-1, experts, *B.shape[1:])[slot]          # [E, out, R]
+            a.zero_()
+            b.zero_()
+            if name not in factors:
+                continue
+            fa, fb = factors[name]
+            if fa.dim() == 2:
+                fa, fb = fa[None], fb[None]
+            else:
+                ids = torch.tensor(self.expert_ids[name], dtype=torch.long)
+                fa, fb = fa.index_select(0, ids), fb.index_select(0, ids)      # this model's share of the experts
+            r = fa.shape[1]
+            a[:, :r].copy_(fa)
+            b[:, :, :r].copy_(fb)
+
+
+def install(model: nn.Module, max_loras: int, max_rank: int) -> RowLora:
+    """Give every LoRA-capable weight of `model`'s main decoder layers (not the MTP modules) zeroed stacks for
+    `max_loras` adapters of rank up to `max_rank` (rounded up to 8, for aligned GEMM rows). Once per model: a
+    second call returns the first one's result if the sizes agree."""
+    done: RowLora | None = getattr(model, "row_lora", None)
+    max_rank = -(-max_rank // 8) * 8
+    if done is not None:
+        if done.rows.max_loras != max_loras or done.max_rank != max_rank:
+            raise ValueError(f"the model already carries per-row LoRA stacks for {done.rows.max_loras} adapters of "
+                             f"rank {done.max_rank}; asked for {max_loras} of rank {max_rank}")
+        return done
+    cfg = model.config
+    out = RowLora(LoraRows(max_loras, cfg.num_attention_heads), max_rank)
+    for i, layer in enumerate(model.model.layers):
+        for name, mod in layer.named_modules(prefix=f"model.layers.{i}"):
+            if type(mod) is nn.Linear:
+                mod.__class__ = LoraLinear
+                mod.register_buffer("lora_a", mod.weight.new_zeros(max_loras, max_rank, mod.in_features),
+                                    persistent=False)
+                mod.register_buffer("lora_b", mod.weight.new_zeros(max_loras, mod.out_features, max_rank),
+                                    persistent=False)
+                object.__setattr__(mod, "rows", out.rows)
+                out.stacks[f"{name}.weight"] = (mod.lora_a, mod.lora_b, 1)
+        if isinstance(layer.mlp, MoE) and not (layer.mlp.dispatch is not None and layer.mlp.dispatch.remote):
+            d = RowLoraDispatch(layer.mlp, out.rows, max_rank)
+            layer.mlp.dispatch = d
+            for w, (a, b) in d.stacks.items():
+                key = f"model.layers.{i}.mlp.experts.{w}"
+                out.stacks[key] = (a, b, layer.mlp.experts.count)
+                out.expert_ids[key] = layer.mlp.experts.expert_ids
+    object.__setattr__(model, "row_lora", out)
+    return out
