@@ -1,12 +1,16 @@
 """OpenAIIngress: the HTTP front (FastAPI under @serve.ingress), OpenAI- and vLLM-compatible.
 
 It owns the routes, the API key and body-size guard, tokenization (chat template), the context check, dispatch to
-the ModelServer deployment through a streaming handle, SSE framing and request timing for /metrics. Capacity is
-Serve's: a model replica takes `max_ongoing_requests`, the handle queues up to `max_queued_requests`, and beyond
-that Serve's BackPressureError becomes a 429 with Retry-After at once. The ingress waits for a request's first
-delta before answering, so any refusal is an HTTP status, not an error inside a 200 stream. A client that leaves
-mid-stream cancels the handle call, which aborts the request in the engine. SSE framing is sse.py's. It never
-runs the model itself.
+the engine, SSE framing and request timing for /metrics. Two ways to reach the engine (ServeAppConfig.ingress):
+- `separate`: a streaming handle to the ModelServer deployment. Capacity is Serve's: a model replica takes
+  `max_ongoing_requests`, the handle queues up to `max_queued_requests`, and beyond that Serve's BackPressureError
+  becomes a 429 with Retry-After at once. A model replica that dies is a 503 from here.
+- `fused`: this replica owns the engine itself (an EngineHost; the deployment is then the model deployment): one
+  process hop less per token. A replica admits `max_ongoing_requests + max_queued_requests` generation requests
+  (the engine batches what it can and queues the rest) and answers 429 with Retry-After past that.
+Either way the ingress waits for a request's first delta before answering, so any refusal is an HTTP status, not
+an error inside a 200 stream; a client that leaves mid-stream closes the engine stream, which aborts the request.
+SSE framing is sse.py's.
 """
 
 import asyncio
@@ -26,6 +30,7 @@ from raymoe.deployments import errors, sse, translate
 from raymoe.deployments.config import ServeAppConfig
 from raymoe.deployments.errors import APIError, error_response
 from raymoe.deployments.metrics import RequestMetrics
+from raymoe.deployments.model import EngineHost
 from raymoe.deployments.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest,
                                          Completion, CompletionChoice, CompletionRequest, DetokenizeRequest,
                                          DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
@@ -92,7 +97,11 @@ app.add_middleware(Guard)
 
 
 def _cancel(gen) -> None:
-    """Cancel a handle call; one that never reached a replica re-raises its refusal here: nothing to cancel."""
+    """Cancel a handle call (one that never reached a replica re-raises its refusal here: nothing to cancel), or
+    close a local engine stream, which aborts its request."""
+    if hasattr(gen, "aclose"):
+        asyncio.ensure_future(gen.aclose())   # not running now (its consumer is here): closes at once
+        return
     try:
         gen.cancel()
     except Exception:                          # noqa: BLE001
@@ -124,7 +133,10 @@ class OpenAIIngress:
         self.max_model_len = ecfg.max_model_len or ModelConfig.from_pretrained(cfg.model).max_context
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.tt = translate.TokenText(self.tokenizer)
-        self.model = model.options(stream=True)
+        # fused (model is None): this replica owns the engine; separate: a streaming handle to ModelServer
+        self.host = EngineHost(ecfg, metrics, cfg.metrics_interval_s, cfg.gil_switch_interval_s) if model is None else None
+        self.model = model.options(stream=True) if model is not None else None
+        self.admit = cfg.max_ongoing_requests + cfg.max_queued_requests
         self.metrics = metrics
         self.buffer = RequestMetrics()
         key = cfg.api_key()
@@ -233,7 +245,17 @@ class OpenAIIngress:
     async def _start(self, ids: list[int], params, rid: str) -> AsyncIterator:
         """Dispatch to a model replica and wait for its first output: refusals become HTTP errors here."""
         t0 = time.perf_counter()
-        gen = self.model.generate.remote(ids, params, rid)
+        try:
+            if self.host is None:
+                gen = self.model.generate.remote(ids, params, rid)
+            elif self.host.engine.open_requests >= self.admit:
+                raise BackPressureError(num_queued_requests=self.admit, max_queued_requests=self.admit)
+            else:
+                gen = self.host.generate(ids, params, rid)
+        except BackPressureError as e:           # fused: this replica has admitted all it may
+            err = self._refusal(e)
+            self.buffer.count(str(err.status), 1, "rejected")
+            raise err from None
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
@@ -304,6 +326,15 @@ class OpenAIIngress:
                 m.count("vllm:spec_decode_num_accepted_tokens_total", d.spec_accepted)
             if done:
                 m.hist("vllm:e2e_request_latency_seconds", time.perf_counter() - t0)
+
+    # ---- the engine, when fused ----------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        if self.host is not None:
+            self.host.check_health()
+
+    def __del__(self) -> None:
+        if getattr(self, "host", None) is not None:
+            self.host.close()
 
     # ---- metrics -------------------------------------------------------------------------------------------------
     async def _flush(self) -> None:
