@@ -144,6 +144,9 @@ def main() -> None:
                       name="bench", route_prefix="/")
             asyncio.run(both(results[name]))
             serve.delete("bench")
+            for c in conc:                     # as it goes, in case a time limit cuts the run short
+                print(f"{name} c={c}: direct {results[name][c]['direct']['tok_s']:.0f} tok/s, "
+                      f"HTTP {results[name][c]['http']['tok_s']:.0f} tok/s", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
