@@ -29,6 +29,7 @@ import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")   # deleting a variant's app: 30 s else
 
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
