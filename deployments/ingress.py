@@ -134,7 +134,8 @@ class OpenAIIngress:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.tt = translate.TokenText(self.tokenizer)
         # fused (model is None): this replica owns the engine; separate: a streaming handle to ModelServer
-        self.host = EngineHost(ecfg, metrics, cfg.metrics_interval_s, cfg.gil_switch_interval_s) if model is None else None
+        self.host = (EngineHost(ecfg, metrics, cfg.metrics_interval_s, cfg.gil_switch_interval_s)
+                     if model is None else None)
         self.model = model.options(stream=True) if model is not None else None
         self.admit = cfg.max_ongoing_requests + cfg.max_queued_requests
         self.metrics = metrics
