@@ -8,7 +8,7 @@ delta).
     .venv/bin/python benchmarks/serve_http.py [--model DIR] [--max-tokens 64] [--concurrency 1,16,64]
         [--variants separate,fused] [--json OUT.json]
 
-A variant is `separate` or `fused`, optionally with app args after a colon: `fused:gil_switch_interval_s=0.0005`.
+A variant is `separate` or `fused`, optionally with app args after a colon: `fused:max_ongoing_requests=64`.
 Variants are deployed one after the other on the same Ray cluster (one app up at a time).
 
 The two sides alternate, one at a time, best of --repeats each (the direct engine idles while HTTP runs). Both
@@ -178,7 +178,7 @@ def main() -> None:
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """`fused:gil_switch_interval_s=0.0005` -> ("fused:gil_switch_interval_s=0.0005", {"ingress": "fused", ...})."""
+    """`fused:max_ongoing_requests=64` -> ("fused:max_ongoing_requests=64", {"ingress": "fused", ...})."""
     kind, _, rest = spec.partition(":")
     extra: dict = {"ingress": kind}
     for kv in filter(None, rest.split(";")):

@@ -106,4 +106,4 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
         max_ongoing_requests=4 * (cfg.max_ongoing_requests * cfg.autoscaling.max_replicas + cfg.max_queued_requests),
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus, **env},
     )
-    return ingress.bind(cfg, model.bind(engine, metrics, cfg.metrics_interval_s, cfg.gil_switch_interval_s), metrics)
+    return ingress.bind(cfg, model.bind(engine, metrics, cfg.metrics_interval_s), metrics)

@@ -55,10 +55,6 @@ class ServeAppConfig(BaseModel):
     # fused: the OpenAI routes are served by the replica that owns the engine (one hop; a dying replica drops
     # its own connections). ingress_num_cpus / ingress_replicas apply to `separate` only.
     ingress: Literal["separate", "fused"] = "separate"
-    # the engine's process: how long a thread may hold the GIL before another that waits gets it (Python's
-    # sys.setswitchinterval; None: Python's 5 ms). The engine thread gives the GIL up in every torch op and waits
-    # for it back behind the event loop that streams its tokens.
-    gil_switch_interval_s: float | None = Field(None, gt=0, le=0.1)
     ingress_num_cpus: float = Field(0.5, ge=0)
     ingress_replicas: int = Field(1, ge=1)
     api_key_env: str | None = None             # name of the env var holding the API key; None: no key needed

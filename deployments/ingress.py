@@ -5,7 +5,7 @@ the engine, SSE framing and request timing for /metrics. Two ways to reach the e
 - `separate`: a streaming handle to the ModelServer deployment. Capacity is Serve's: a model replica takes
   `max_ongoing_requests`, the handle queues up to `max_queued_requests`, and beyond that Serve's BackPressureError
   becomes a 429 with Retry-After at once. A model replica that dies is a 503 from here.
-- `fused`: this replica owns the engine itself (an EngineHost; the deployment is then the model deployment): one
+- `fused`: this replica owns the engine itself (a ModelServer object; the deployment is then the model one): one
   process hop less per token. A replica admits `max_ongoing_requests + max_queued_requests` generation requests
   (the engine batches what it can and queues the rest) and answers 429 with Retry-After past that.
 Either way the ingress waits for a request's first delta before answering, so any refusal is an HTTP status, not
@@ -30,7 +30,7 @@ from raymoe.deployments import errors, sse, translate
 from raymoe.deployments.config import ServeAppConfig
 from raymoe.deployments.errors import APIError, error_response
 from raymoe.deployments.metrics import RequestMetrics
-from raymoe.deployments.model import EngineHost
+from raymoe.deployments.model import ModelServer
 from raymoe.deployments.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest,
                                          Completion, CompletionChoice, CompletionRequest, DetokenizeRequest,
                                          DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
@@ -113,6 +113,14 @@ def _json(body) -> Response:
 
 
 
+async def _own_model_server(*args) -> ModelServer:
+    """`ingress: fused`: the ModelServer class (not the deployment) run in this replica, so the engine is local."""
+    cls = ModelServer.func_or_class
+    server = cls.__new__(cls)
+    await cls.__init__(server, *args)
+    return server
+
+
 async def _collect(stream, n: int) -> translate.Outputs:
     """A non-streamed request's choices, gathered from the replica's batches of deltas."""
     out = translate.Outputs(n)
@@ -134,8 +142,7 @@ class OpenAIIngress:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.tt = translate.TokenText(self.tokenizer)
         # fused (model is None): this replica owns the engine; separate: a streaming handle to ModelServer
-        self.host = (EngineHost(ecfg, metrics, cfg.metrics_interval_s, cfg.gil_switch_interval_s)
-                     if model is None else None)
+        self.host = await _own_model_server(ecfg, metrics, cfg.metrics_interval_s) if model is None else None
         self.model = model.options(stream=True) if model is not None else None
         self.admit = cfg.max_ongoing_requests + cfg.max_queued_requests
         self.metrics = metrics
@@ -335,7 +342,8 @@ class OpenAIIngress:
 
     def __del__(self) -> None:
         if getattr(self, "host", None) is not None:
-            self.host.close()
+            self.host.__del__()              # ModelServer's: stops its metrics reports and its engine
+            self.host = None
 
     # ---- metrics -------------------------------------------------------------------------------------------------
     async def _flush(self) -> None:

@@ -1,44 +1,36 @@
-"""The model side of serving: `EngineHost` owns one AsyncEngine built from one EngineConfig, and `ModelServer` is
-the model deployment made of it (one host per replica).
+"""ModelServer: the model deployment. Each replica owns one AsyncEngine built from one EngineConfig.
 
-`generate` streams a request's deltas, coalescing those that are ready together into one message (one Ray
-streaming item per engine step, not per token, once a replica is busy). A caller that goes away closes the stream
-here, which leaves the engine's iterator and so aborts the request (its KV blocks are freed). Every
-`metrics_interval_s` the host reports its engine's gauges to the MetricsCollector. The fused ingress
-(`ingress: fused`) holds an EngineHost itself instead of calling a ModelServer. Serve scales replicas
-(autoscaling_config, max_ongoing_requests come from ServeAppConfig); this module never sees HTTP.
+`generate` streams a request's deltas back to the ingress, coalescing those that are ready together into one
+message (one Ray streaming item per engine step, not per token, once a replica is busy). A caller that goes away
+cancels the stream here, which leaves the engine's iterator and so aborts the request (its KV blocks are freed).
+Every `metrics_interval_s` the replica reports its engine's gauges to the MetricsCollector. Serve scales replicas
+(autoscaling_config, max_ongoing_requests come from ServeAppConfig); this module never sees HTTP. With
+`ingress: fused` the ingress replica holds a ModelServer object itself (not the deployment: the class).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
-from collections.abc import AsyncIterator
 
 from ray import serve
 
 from raymoe.deployments.metrics import EngineReport
 from raymoe.platform.config import EngineConfig, SamplingParams
-from raymoe.platform.engine import AsyncEngine, Delta
+from raymoe.platform.engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
 
-class EngineHost:
-    """One engine in this process, with its metrics reports. Must be created on a running event loop."""
-
-    def __init__(self, engine_config: EngineConfig, metrics=None, metrics_interval_s: float = 1.0,
-                 gil_switch_interval_s: float | None = None) -> None:
-        if gil_switch_interval_s is not None:
-            sys.setswitchinterval(gil_switch_interval_s)
+@serve.deployment(name="ModelServer")
+class ModelServer:
+    async def __init__(self, engine_config: EngineConfig, metrics=None, metrics_interval_s: float = 1.0) -> None:
         self.engine = AsyncEngine(engine_config)
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id if ctx else "local"
         self.metrics, self.interval = metrics, metrics_interval_s
         self._reporter = asyncio.create_task(self._report_loop()) if metrics is not None else None
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[list[Delta]]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         """Yield lists of Delta: everything the engine produced for this request since the last yield."""
         async for batch in self.engine.stream(prompt_ids, params, request_id):
             yield batch
@@ -66,19 +58,8 @@ class EngineHost:
                 log.warning("metrics report failed: %s", e)
             await asyncio.sleep(self.interval)
 
-    def close(self) -> None:
+    def __del__(self) -> None:
         if getattr(self, "_reporter", None) is not None:
             self._reporter.cancel()
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
-            self.engine = None
-
-
-@serve.deployment(name="ModelServer")
-class ModelServer(EngineHost):
-    async def __init__(self, engine_config: EngineConfig, metrics=None, metrics_interval_s: float = 1.0,
-                       gil_switch_interval_s: float | None = None) -> None:
-        EngineHost.__init__(self, engine_config, metrics, metrics_interval_s, gil_switch_interval_s)
-
-    def __del__(self) -> None:
-        self.close()
