@@ -1,10 +1,15 @@
-"""Streaming through HTTP (Ray Serve: proxy -> OpenAIIngress -> ModelServer -> AsyncEngine) against the same
-AsyncEngine driven directly in-process: same tiny model, same token-id prompts, greedy, every request exactly
-max_tokens tokens (ignore_eos). Prints, per concurrency, generated tokens/s of each and their ratio, and TTFT
-p50/p99 of each (HTTP: from sending the request to the first SSE chunk with text; direct: from calling generate to
-the first delta).
+"""Streaming through HTTP (Ray Serve: proxy -> OpenAIIngress -> ModelServer -> AsyncEngine, or with
+`ingress: fused` proxy -> ModelServer serving the routes itself) against the same AsyncEngine driven directly
+in-process: same tiny model, same token-id prompts, greedy, every request exactly max_tokens tokens (ignore_eos).
+Prints, per app variant and concurrency, generated tokens/s of each and their ratio, and TTFT p50/p99 of each
+(HTTP: from sending the request to the first SSE chunk with text; direct: from calling the engine to its first
+delta).
 
     .venv/bin/python benchmarks/serve_http.py [--model DIR] [--max-tokens 64] [--concurrency 1,16,64]
+        [--variants separate,fused] [--json OUT.json]
+
+A variant is `separate` or `fused`, optionally with app args after a colon: `fused:max_ongoing_requests=64`.
+Variants are deployed one after the other on the same Ray cluster (one app up at a time).
 
 The two sides alternate, one at a time, best of --repeats each (the direct engine idles while HTTP runs). Both
 engines use the same EngineConfig, torch threads included (a Ray replica would otherwise get OMP_NUM_THREADS = its
@@ -24,6 +29,7 @@ import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")   # deleting a variant's app: 30 s else
 
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -45,10 +51,10 @@ async def run_direct(engine, ps, max_tokens: int, conc: int) -> dict:
     async def one(p):
         async with sem:
             t0, first, n = time.perf_counter(), None, 0
-            async for d in engine.generate(p, params):
-                if first is None and d.token_ids:
+            async for batch in engine.stream(p, params):        # the engine's cheapest interface
+                if first is None and any(d.token_ids for d in batch):
                     first = time.perf_counter() - t0
-                n += len(d.token_ids)
+                n += sum(len(d.token_ids) for d in batch)
             ttft.append(first)
             toks.append(n)
     t0 = time.perf_counter()
@@ -93,6 +99,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--variants", default="separate")
+    ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args()
     conc = [int(c) for c in a.concurrency.split(",")]
 
@@ -104,7 +112,8 @@ def main() -> None:
     engine_kw = {"cpu_threads": a.threads, "max_num_seqs": 64, "num_blocks": 2048, "block_size": 16}
     sets = {c: prompts(max(8, 2 * c), 700, seed=c) for c in conc}
 
-    results: dict[int, dict] = {c: {} for c in conc}
+    variants = [parse_variant(v) for v in a.variants.split(",")]
+    results: dict[str, dict[int, dict]] = {v: {c: {} for c in conc} for v, _ in variants}
     engine = AsyncEngine(EngineConfig(model=model, **engine_kw))    # idle (blocked on an event) while HTTP runs
 
     import ray
@@ -117,38 +126,65 @@ def main() -> None:
         port = s.getsockname()[1]
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"model": model, "served_model_name": "tiny", "engine": engine_kw, "num_cpus": 1,
-                             "max_ongoing_requests": 128, "metrics_interval_s": 1.0}),
-                  name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
 
         def best(old: dict | None, new: dict) -> dict:
             return new if old is None or new["tok_s"] > old["tok_s"] else old
 
-        async def both():
+        async def both(res: dict[int, dict]):
             await run_direct(engine, prompts(4, 700, 99), a.max_tokens, 4)          # warm-up
             await run_http(url, prompts(4, 700, 99), a.max_tokens, 4)
             for c in conc:                     # alternate, best of --repeats each: other load on the machine
                 for _ in range(a.repeats):     # drifts, and alternating lets both sides see the same drift
-                    r = results[c]
+                    r = res[c]
                     r["direct"] = best(r.get("direct"), await run_direct(engine, sets[c], a.max_tokens, c))
                     r["http"] = best(r.get("http"), await run_http(url, sets[c], a.max_tokens, c))
-        asyncio.run(both())
+        for name, extra in variants:
+            serve.run(build_app({"model": model, "served_model_name": "tiny", "engine": engine_kw, "num_cpus": 1,
+                                 "max_ongoing_requests": 128, "metrics_interval_s": 1.0, **extra}),
+                      name="bench", route_prefix="/")
+            asyncio.run(both(results[name]))
+            serve.delete("bench")
+            for c in conc:                     # as it goes, in case a time limit cuts the run short
+                print(f"{name} c={c}: direct {results[name][c]['direct']['tok_s']:.0f} tok/s, "
+                      f"HTTP {results[name][c]['http']['tok_s']:.0f} tok/s", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
         engine.shutdown()
 
-    print(f"\nmax_tokens {a.max_tokens}, torch threads {a.threads}, prompts 16-32 tokens, greedy, ignore_eos\n")
-    print("| concurrency | requests | direct tok/s | HTTP tok/s | ratio | TTFT p50 direct / HTTP (ms) | "
+    print(f"\nmax_tokens {a.max_tokens}, torch threads {a.threads}, prompts 16-32 tokens, greedy, ignore_eos, "
+          f"RAY_SERVE_THROUGHPUT_OPTIMIZED={os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED', '0')}\n")
+    print("| app | concurrency | requests | direct tok/s | HTTP tok/s | ratio | TTFT p50 direct / HTTP (ms) | "
           "TTFT p99 direct / HTTP (ms) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for c in conc:
-        d, h = results[c]["direct"], results[c]["http"]
-        assert d["tokens"] == h["tokens"], (d["tokens"], h["tokens"])
-        print(f"| {c} | {len(sets[c])} | {d['tok_s']:.0f} | {h['tok_s']:.0f} | {h['tok_s'] / d['tok_s']:.2f} | "
-              f"{pct(d['ttft'], .5):.1f} / {pct(h['ttft'], .5):.1f} | {pct(d['ttft'], .99):.1f} / "
-              f"{pct(h['ttft'], .99):.1f} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
+    for name, _ in variants:
+        for c in conc:
+            d, h = results[name][c]["direct"], results[name][c]["http"]
+            assert d["tokens"] == h["tokens"], (d["tokens"], h["tokens"])
+            row = {"app": name, "concurrency": c, "requests": len(sets[c]), "direct_tok_s": d["tok_s"],
+                   "http_tok_s": h["tok_s"], "ratio": h["tok_s"] / d["tok_s"],
+                   "ttft_p50_direct_ms": pct(d["ttft"], .5), "ttft_p50_http_ms": pct(h["ttft"], .5),
+                   "ttft_p99_direct_ms": pct(d["ttft"], .99), "ttft_p99_http_ms": pct(h["ttft"], .99)}
+            rows.append(row)
+            print(f"| {name} | {c} | {row['requests']} | {d['tok_s']:.0f} | {h['tok_s']:.0f} | {row['ratio']:.2f} | "
+                  f"{row['ttft_p50_direct_ms']:.1f} / {row['ttft_p50_http_ms']:.1f} | "
+                  f"{row['ttft_p99_direct_ms']:.1f} / {row['ttft_p99_http_ms']:.1f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0"),
+                       "max_tokens": a.max_tokens, "threads": a.threads, "rows": rows}, f, indent=1)
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """`fused:max_ongoing_requests=64` -> ("fused:max_ongoing_requests=64", {"ingress": "fused", ...})."""
+    kind, _, rest = spec.partition(":")
+    extra: dict = {"ingress": kind}
+    for kv in filter(None, rest.split(";")):
+        k, _, v = kv.partition("=")
+        extra[k] = json.loads(v)
+    return spec, extra
 
 
 if __name__ == "__main__":

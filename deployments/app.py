@@ -1,4 +1,5 @@
-"""The one app builder: ServeAppConfig -> a Serve Application (ingress -> model deployment, plus metrics).
+"""The one app builder: ServeAppConfig -> a Serve Application (ingress -> model deployment, plus metrics; or, with
+`ingress: fused`, one deployment serving the OpenAI routes from the replicas that own the engines).
 
     serve run raymoe.deployments.app:build_app model=/path/to/ckpt
     serve deploy deployments/configs/tiny.yaml            (import_path: raymoe.deployments.app:build_app)
@@ -83,6 +84,20 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
     env = {"runtime_env": cfg.runtime_env} if cfg.runtime_env else {}
     auto = cfg.autoscaling.model_dump(exclude_none=True)
     engine = cfg.engine_config()
+    metrics = MetricsCollector.bind(stale_after_s=max(5.0, 4 * cfg.metrics_interval_s))
+    if cfg.ingress == "fused":                 # the OpenAI routes on the replica that owns the engine
+        slots = cfg.max_ongoing_requests + cfg.max_queued_requests + 16
+        fused = OpenAIIngress.options(
+            name="ModelServer", autoscaling_config=auto,
+            # the replica admits max_ongoing + max_queued generation requests itself (then an OpenAI 429); Serve's
+            # own bounds sit above that (with room for /health, /metrics...), since Serve's queue also holds requests
+            # a proxy has not yet placed on a replica: a bound there alone would refuse a burst a replica can take
+            max_ongoing_requests=slots, max_queued_requests=slots,
+            backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},
+            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **env},
+            **_placement(engine),
+        )
+        return fused.bind(cfg, None, metrics)
     model = ModelServer.options(
         autoscaling_config=auto, max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
@@ -90,7 +105,6 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **env},
         **_placement(engine),
     )
-    metrics = MetricsCollector.bind(stale_after_s=max(5.0, 4 * cfg.metrics_interval_s))
     ingress = OpenAIIngress.options(
         num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=4 * (cfg.max_ongoing_requests * cfg.autoscaling.max_replicas + cfg.max_queued_requests),

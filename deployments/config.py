@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -53,6 +53,11 @@ class ServeAppConfig(BaseModel):
     retry_after_s: int = Field(1, ge=0)            # the Retry-After of a 429
     num_cpus: float = Field(1.0, ge=0)         # per model replica
     num_gpus: float = Field(0.0, ge=0)
+    # separate: OpenAIIngress replicas call ModelServer replicas (two process hops per token; the ingress turns a
+    # dying model replica into a 503, and is where per-request routing such as adapter multiplexing lives).
+    # fused: the OpenAI routes are served by the replica that owns the engine (one hop; a dying replica drops
+    # its own connections). ingress_num_cpus / ingress_replicas apply to `separate` only.
+    ingress: Literal["separate", "fused"] = "separate"
     ingress_num_cpus: float = Field(0.5, ge=0)
     ingress_replicas: int = Field(1, ge=1)
     api_key_env: str | None = None             # name of the env var holding the API key; None: no key needed

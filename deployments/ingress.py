@@ -2,23 +2,28 @@
 
 It owns the routes, the API key and body-size guard, tokenization (chat template, tools included), the context
 check, the request's grammar (structured.py: response_format, structured_outputs, forced tool calls), dispatch to
-the ModelServer deployment through a streaming handle, SSE framing, splitting chat output into reasoning, content
-and tool calls (chat_output.py) and request timing for /metrics. Capacity is Serve's: a model replica takes
-`max_ongoing_requests`, the handle queues up to `max_queued_requests`, and beyond that Serve's BackPressureError
-becomes a 429 with Retry-After at once. The ingress waits for a request's first
-delta before answering, so any refusal is an HTTP status, not an error inside a 200 stream. A client that leaves
-mid-stream cancels the handle call, which aborts the request in the engine. SSE framing is sse.py's. It never
-runs the model itself.
+the engine, SSE framing, splitting chat output into reasoning, content and tool calls (chat_output.py) and request
+timing for /metrics. It never runs the model itself except in `fused` mode. Two ways to reach the engine
+(ServeAppConfig.ingress):
+- `separate`: a streaming handle to the ModelServer deployment. Capacity is Serve's: a model replica takes
+  `max_ongoing_requests`, the handle queues up to `max_queued_requests`, and beyond that Serve's BackPressureError
+  becomes a 429 with Retry-After at once. A model replica that dies is a 503 from here.
+- `fused`: this replica owns the engine itself (a ModelServer object; the deployment is then the model one): one
+  process hop less per token. A replica admits `max_ongoing_requests + max_queued_requests` generation requests
+  (the engine batches what it can and queues the rest) and answers 429 with Retry-After past that.
+Either way the ingress waits for a request's first delta before answering, so any refusal is an HTTP status, not
+an error inside a 200 stream; a client that leaves mid-stream closes the engine stream, which aborts the request.
+SSE framing is sse.py's.
 
 LoRA adapters: `model` names the base (its served name) or an adapter (`<adapter>` or `<served name>:<adapter>`),
-looked up in the registry (adapters.py: lora_modules, POST /v1/load_lora_adapter, folders under lora_root); an
-adapter request goes to the model deployment with `multiplexed_model_id=<adapter>` so Serve routes it to a
-replica that holds the adapter. POST /v1/load_lora_adapter loads the adapter on one replica (a broken one is a 400
-and the name is not registered); others load it on their first request for it (the multiplexed loader). POST
-/v1/unload_lora_adapter forgets the name here (requests for it are 404 from then on) and unloads it from the
-replica the router picks for it; other replicas drop it through their LRU. With several ingress replicas, the
-names loaded or unloaded through the API are known to the ingress replica that took the call (folders under
-lora_root and lora_modules are known to all).
+looked up in the registry (adapters.py: lora_modules, POST /v1/load_lora_adapter, folders under lora_root); an adapter
+request goes to the model deployment with `multiplexed_model_id=<adapter>` so Serve routes it to a replica that holds
+the adapter (fused: the replica that took the request loads it). POST /v1/load_lora_adapter loads the adapter on one
+replica (a broken one is a 400 and the name is not registered); others load it on their first request for it (the
+multiplexed loader). POST /v1/unload_lora_adapter forgets the name here (requests for it are 404 from then on) and
+unloads it from the replica the router picks for it; other replicas drop it through their LRU. With several ingress
+replicas, the names loaded or unloaded through the API are known to the ingress replica that took the call (folders
+under lora_root and lora_modules are known to all).
 """
 
 import asyncio
@@ -39,6 +44,7 @@ from raymoe.deployments.adapters import AdapterRef, AdapterRegistry, AdapterRoot
 from raymoe.deployments.config import ServeAppConfig
 from raymoe.deployments.errors import APIError, error_response
 from raymoe.deployments.metrics import RequestMetrics
+from raymoe.deployments.model import ModelServer
 from raymoe.deployments.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest,
                                          Completion, CompletionChoice, CompletionRequest, DetokenizeRequest,
                                          DetokenizeResponse, FunctionCallOut, LoadLoraAdapterRequest, ModelCard,
@@ -109,7 +115,11 @@ app.add_middleware(Guard)
 
 
 def _cancel(gen) -> None:
-    """Cancel a handle call; one that never reached a replica re-raises its refusal here: nothing to cancel."""
+    """Cancel a handle call (one that never reached a replica re-raises its refusal here: nothing to cancel), or
+    close a local engine stream, which aborts its request."""
+    if hasattr(gen, "aclose"):
+        asyncio.ensure_future(gen.aclose())   # not running now (its consumer is here): closes at once
+        return
     try:
         gen.cancel()
     except Exception:                          # noqa: BLE001
@@ -137,6 +147,14 @@ def _chat_choice(i: int, c: translate.Choice, shape: tuple[bool, bool, bool], lo
                       finish_reason=finish, logprobs=logprobs)
 
 
+async def _own_model_server(*args) -> ModelServer:
+    """`ingress: fused`: the ModelServer class (not the deployment) run in this replica, so the engine is local."""
+    cls = ModelServer.func_or_class
+    server = cls.__new__(cls)
+    await cls.__init__(server, *args)
+    return server
+
+
 async def _collect(stream, n: int) -> translate.Outputs:
     """A non-streamed request's choices, gathered from the replica's batches of deltas."""
     out = translate.Outputs(n)
@@ -157,8 +175,13 @@ class OpenAIIngress:
         self.max_model_len = ecfg.max_model_len or ModelConfig.from_pretrained(cfg.model).max_context
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.tt = translate.TokenText(self.tokenizer)
+        # fused (model is None): this replica owns the engine; separate: a streaming handle to ModelServer
+        preload = [AdapterRef(name=n, path=p) for n, p in cfg.lora_modules.items()]
+        self.host = (await _own_model_server(ecfg, metrics, cfg.metrics_interval_s, preload) if model is None
+                     else None)
         self.model_handle = model
-        self.model = model.options(stream=True)
+        self.model = model.options(stream=True) if model is not None else None
+        self.admit = cfg.max_ongoing_requests + cfg.max_queued_requests
         self.adapters = AdapterRegistry(AdapterRoot(cfg.lora_root), cfg.lora_modules)
         self.metrics = metrics
         self.buffer = RequestMetrics()
@@ -193,7 +216,10 @@ class OpenAIIngress:
                            "invalid_lora_path")
         ref = self.adapters.next_ref(name, path)
         try:
-            await self.model_handle.options(multiplexed_model_id=name).load_adapter.remote(ref)
+            if self.host is None:
+                await self.model_handle.options(multiplexed_model_id=name).load_adapter.remote(ref)
+            else:
+                await self.host.load_adapter(ref)
         except BaseException as e:
             err = self._refusal(e, "lora_path")
             if err is None:
@@ -208,7 +234,10 @@ class OpenAIIngress:
         if await asyncio.to_thread(self.adapters.remove, name) is None:
             raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name", "lora_not_found")
         try:
-            await self.model_handle.options(multiplexed_model_id=name).unload_adapter.remote(name)
+            if self.host is None:
+                await self.model_handle.options(multiplexed_model_id=name).unload_adapter.remote(name)
+            else:
+                await self.host.unload_adapter(name)
         except Exception as e:                 # noqa: BLE001 (the name is gone here; replicas drop it by LRU)
             log.warning("unloading adapter %s from a replica failed: %s", name, e)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
@@ -327,11 +356,22 @@ class OpenAIIngress:
         """Dispatch to a model replica (for an adapter: one holding it, if any) and wait for its first output:
         refusals become HTTP errors here (a grammar the replica cannot compile is a 400 naming `grammar_field`)."""
         t0 = time.perf_counter()
-        if adapter is None:
-            gen = self.model.generate.remote(ids, params, rid)
-        else:
+        if adapter is not None:
             params = params.model_copy(update={"adapter": adapter.name})
-            gen = self.model.options(multiplexed_model_id=adapter.name).generate.remote(ids, params, rid, adapter)
+        try:
+            if self.host is None and adapter is None:
+                gen = self.model.generate.remote(ids, params, rid)
+            elif self.host is None:
+                gen = self.model.options(multiplexed_model_id=adapter.name).generate.remote(ids, params, rid,
+                                                                                           adapter)
+            elif self.host.engine.open_requests >= self.admit:
+                raise BackPressureError(num_queued_requests=self.admit, max_queued_requests=self.admit)
+            else:
+                gen = self.host.generate(ids, params, rid, adapter)
+        except BackPressureError as e:           # fused: this replica has admitted all it may
+            err = self._refusal(e)
+            self.buffer.count(str(err.status), 1, "rejected")
+            raise err from None
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
@@ -411,6 +451,16 @@ class OpenAIIngress:
                 m.count("vllm:spec_decode_num_accepted_tokens_total", d.spec_accepted)
             if done:
                 m.hist("vllm:e2e_request_latency_seconds", time.perf_counter() - t0)
+
+    # ---- the engine, when fused ----------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        if self.host is not None:
+            self.host.check_health()
+
+    def __del__(self) -> None:
+        if getattr(self, "host", None) is not None:
+            self.host.__del__()              # ModelServer's: stops its metrics reports and its engine
+            self.host = None
 
     # ---- metrics -------------------------------------------------------------------------------------------------
     async def _flush(self) -> None:

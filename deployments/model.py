@@ -4,7 +4,8 @@
 message (one Ray streaming item per engine step, not per token, once a replica is busy). A caller that goes away
 cancels the stream here, which leaves the engine's iterator and so aborts the request (its KV blocks are freed).
 Every `metrics_interval_s` the replica reports its engine's gauges to the MetricsCollector. Serve scales replicas
-(autoscaling_config, max_ongoing_requests come from ServeAppConfig); this module never sees HTTP.
+(autoscaling_config, max_ongoing_requests come from ServeAppConfig); this module never sees HTTP. With
+`ingress: fused` the ingress replica holds a ModelServer object itself (not the deployment: the class).
 
 LoRA adapters reach a replica through Serve's model multiplexing: the ingress calls with
 `.options(multiplexed_model_id=<adapter>)`, so Serve routes the request to a replica that already holds the adapter
@@ -27,11 +28,10 @@ from ray import serve
 from raymoe.deployments.adapters import AdapterRef, fetch
 from raymoe.deployments.metrics import EngineReport
 from raymoe.platform.config import EngineConfig, SamplingParams
-from raymoe.platform.engine import AsyncEngine, Delta
+from raymoe.platform.engine import AsyncEngine
 from raymoe.platform.engine.adapters import AdapterNotFound
 
 log = logging.getLogger(__name__)
-_END = object()
 
 
 def _adapters_of(seqs) -> list[str]:
@@ -118,35 +118,8 @@ class ModelServer:
         """Yield lists of Delta: everything the engine produced for this request since the last yield."""
         if adapter is not None:
             await self._ensure(adapter)
-        q: asyncio.Queue = asyncio.Queue()
-
-        async def pump():
-            try:
-                async for d in self.engine.generate(prompt_ids, params, request_id):
-                    q.put_nowait(d)
-                q.put_nowait(_END)
-            except BaseException as e:           # noqa: BLE001 (handed to the consumer, re-raised there)
-                q.put_nowait(e)
-
-        task = asyncio.create_task(pump())
-        try:
-            while True:
-                items = [await q.get()]
-                while not q.empty():
-                    items.append(q.get_nowait())
-                out: list[Delta] = []
-                for it in items:
-                    if it is _END:
-                        if out:
-                            yield out
-                        return
-                    if isinstance(it, BaseException):
-                        raise it
-                    out.append(it)
-                yield out
-        finally:
-            if not task.done():                 # caller gone: cancelling the pump aborts the engine request
-                task.cancel()
+        async for batch in self.engine.stream(prompt_ids, params, request_id):
+            yield batch
 
     def stats(self) -> dict:
         s = self.engine.stats()

@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 _ids = itertools.count()
 
 
+def _put_all(puts: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in puts:
+        q.put_nowait(item)
+
+
 class AsyncEngine:
     def __init__(self, cfg: EngineConfig | None = None, engine: LLMEngine | None = None, **kw) -> None:
         self.engine = engine if engine is not None else LLMEngine(cfg, **kw)
@@ -37,9 +42,10 @@ class AsyncEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[Delta]:
-        """Stream deltas of one request (all n choices). Raises RequestError at once for a bad request."""
+    async def stream(self, prompt_ids: list[int], params: SamplingParams,
+                     request_id: str | None = None) -> AsyncIterator[list[Delta]]:
+        """Stream one request (all n choices) as batches: each a non-empty list of every delta that arrived since
+        the last one was taken. Raises RequestError at once for a bad request."""
         rid = request_id or f"req-{next(_ids)}"
         self.engine.validate(prompt_ids, params)
         grammar = None
@@ -54,15 +60,26 @@ class AsyncEngine:
         done = 0
         try:
             while done < params.n:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                done += item.finished
-                yield item
+                batch = [await q.get()]
+                while not q.empty():
+                    batch.append(q.get_nowait())
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        raise item
+                    done += item.finished
+                yield batch
         finally:
             self._streams.pop(rid, None)
             if done < params.n:
                 self.abort(rid)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[Delta]:
+        """Stream deltas of one request (all n choices), one at a time. Raises RequestError at once for a bad
+        request."""
+        async for batch in self.stream(prompt_ids, params, request_id):
+            for d in batch:
+                yield d
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -71,6 +88,11 @@ class AsyncEngine:
     def stats(self) -> dict:
         return dict(self._stats)
 
+    @property
+    def open_requests(self) -> int:
+        """Requests whose streams are open (running, waiting, or not yet taken in by the engine thread)."""
+        return len(self._streams)
+
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
@@ -78,11 +100,18 @@ class AsyncEngine:
         self.engine.close()
 
     # ---- the engine thread ---------------------------------------------------------------------------------------
-    def _send(self, rid: str, item) -> None:
-        target = self._streams.get(rid)
-        if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
+    def _send(self, items: list[tuple[str, object]]) -> None:
+        """Hand (request id, delta or error) pairs to their callers: one call_soon_threadsafe per event loop."""
+        per_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid, item in items:
+            target = self._streams.get(rid)
+            if target is not None:
+                per_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, puts in per_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, puts)
+            except RuntimeError:                      # that caller's loop has closed: nobody to tell
+                pass
 
     def _loop(self) -> None:
         eng = self.engine
@@ -99,7 +128,7 @@ class AsyncEngine:
                     try:
                         eng.add_request(rid, prompt, params, grammar)
                     except Exception as e:            # noqa: BLE001 (reported to the caller)
-                        self._send(rid, e)
+                        self._send([(rid, e)])
                 else:
                     eng.abort(msg[1])
             if not eng.has_unfinished():
@@ -111,10 +140,10 @@ class AsyncEngine:
                 deltas = eng.step()
             except Exception as e:                    # noqa: BLE001 (fail the batch, keep serving)
                 log.exception("engine step failed; failing its requests")
-                for rid in list(eng.requests):
+                failed = list(eng.requests)
+                for rid in failed:
                     eng.abort(rid)
-                    self._send(rid, RuntimeError(f"engine step failed: {e}"))
+                self._send([(rid, RuntimeError(f"engine step failed: {e}")) for rid in failed])
                 continue
-            for d in deltas:
-                self._send(d.request_id, d)
+            self._send([(d.request_id, d) for d in deltas])
             self._stats = eng.stats()

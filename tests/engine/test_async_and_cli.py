@@ -58,6 +58,34 @@ def test_stream_cancel_and_keep_serving(make_engine, model32):
         front.shutdown()
 
 
+def test_stream_hands_over_what_is_ready_in_batches(make_engine, model32):
+    """`stream` yields every delta ready when its consumer looks: a consumer slower than the engine gets several
+    tokens per batch, and the batches add up to the greedy answer; n=2 streams both choices."""
+    front = AsyncEngine(engine=make_engine())
+    p = prompts(11, (9, 14))[1]
+
+    async def run():
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        sizes, toks = [], []
+        async for batch in front.stream(p, params, "slow"):
+            sizes.append(len(batch))
+            toks += [t for d in batch for t in d.token_ids]
+            await asyncio.sleep(0.05)          # a slow consumer: the engine keeps stepping meanwhile
+        assert toks == greedy_reference(model32, p, 24)
+        assert max(sizes) > 1 and len(sizes) < 24, sizes
+        two = SamplingParams(n=2, temperature=0, max_tokens=6, ignore_eos=True)
+        per_choice = {0: [], 1: []}
+        async for batch in front.stream(p, two, "two"):
+            for d in batch:
+                per_choice[d.index] += d.token_ids
+        assert per_choice[0] == per_choice[1] == greedy_reference(model32, p, 6)
+    try:
+        asyncio.run(run())
+    finally:
+        front.shutdown()
+
+
+
 def test_incremental_detokenizer_never_splits_utf8(tiny_ckpt):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_ckpt)

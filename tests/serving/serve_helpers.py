@@ -1,6 +1,9 @@
 """Helpers shared by the serving tests (imported by name: every test folder has its own conftest module)."""
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -86,3 +89,69 @@ def make_adapter(base, out, targets=("all",), rank: int = 4, seed: int = 0, std:
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return save_adapter(pm, out, str(base))
+
+
+async def _stream(client: httpx.AsyncClient, url: str, headers: dict) -> tuple[int, float, str | None, int, str]:
+    t0 = time.perf_counter()
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 120,
+            "ignore_eos": True, "stream": True}
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+        text = (await r.aread()).decode()
+        lines = [line for line in text.splitlines() if line.startswith("data: ")]
+        return r.status_code, time.perf_counter() - t0, r.headers.get("retry-after"), len(lines), text
+
+
+async def burst(url: str, headers: dict, n: int) -> list[tuple[int, float, str | None, int, str]]:
+    """n streamed chats of 120 tokens at once: (status, seconds, Retry-After, SSE data lines, body) each."""
+    async with httpx.AsyncClient(timeout=120) as c:
+        return await asyncio.wait_for(asyncio.gather(*[_stream(c, url, headers) for _ in range(n)]), 120)
+
+
+def check_over_capacity(results: list[tuple[int, float, str | None, int, str]]) -> None:
+    """A burst past capacity: some 200s that ran to the end, some 429s at once, in OpenAI's format with Retry-After;
+    nothing else."""
+    codes = sorted(r[0] for r in results)
+    assert set(codes) <= {200, 429} and codes.count(200) >= 1 and codes.count(429) >= 1, codes
+    for status, secs, retry, lines, text in results:
+        if status == 429:
+            assert retry is not None and int(retry) >= 0 and secs < 5, (secs, retry)
+            err = json.loads(text)["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["code"] == "rate_limit_exceeded", err
+        else:
+            assert lines >= 120, lines                       # accepted ones ran to the end
+
+
+def metric_values(text: str, name: str) -> list[float]:
+    return [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)]
+
+
+def check_disconnect_frees_kv(url: str, name: str) -> None:
+    """A client that leaves mid-stream: the engine aborts its request and frees its KV blocks (/metrics shows it)."""
+    body = {"model": name, "messages": [{"role": "user", "content": "Tell me a story."}],
+            "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as c:
+        before = metric_values(c.get(f"{url}/metrics").text, "vllm:generation_tokens_total")[0]
+        with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()          # kept open: leaving a for-loop over it would close the connection
+            for _ in range(10):
+                next(lines)
+            deadline = time.time() + 20                  # the request holds blocks while it streams
+            while time.time() < deadline:
+                m = c.get(f"{url}/metrics").text
+                if sum(metric_values(m, "vllm:kv_cache_usage_perc")) > 0:
+                    break
+                time.sleep(0.1)
+            assert sum(metric_values(m, "vllm:num_requests_running")) >= 1
+        # the client has gone: the engine aborts the request and frees its blocks
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            m = c.get(f"{url}/metrics").text
+            if (sum(metric_values(m, "vllm:kv_cache_usage_perc")) == 0
+                    and sum(metric_values(m, "vllm:num_requests_running")) == 0):
+                break
+            time.sleep(0.2)
+        assert sum(metric_values(m, "vllm:kv_cache_usage_perc")) == 0, m
+        assert sum(metric_values(m, "vllm:num_requests_running")) == 0
+        gen = metric_values(m, "vllm:generation_tokens_total")[0]
+    assert gen - before < 2500          # it stopped well before its 3000 tokens
