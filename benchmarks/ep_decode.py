@@ -4,13 +4,15 @@ adds per MoE layer per step; then one MoE-layer exchange through Ray compiled gr
 channels) against a plain actor call, same shard, same rows.
 
     python benchmarks/ep_decode.py                       # CPU, the tiny model (written to a temp dir)
-    python benchmarks/ep_decode.py --device cuda --full-width --shards 1 --transports ray --batch 1 32
+    python benchmarks/ep_decode.py --device cuda --full-width --shards 1 --transports collective --batch 1 32
 
 --full-width writes a random checkpoint with DeepSeek-V3's widths (hidden 7168, MLA 128 heads, expert width 2048,
 8 of 32 routed experts per token in 8 groups, 1 dense + 2 MoE layers; fewer experts than 256 only to keep the
-file small: the exchange moves rows, not experts). Every engine runs eager (a remote expert call is never captured
-in a CUDA graph), so the baseline is the eager in-process engine; on CUDA the graphed baseline is printed beside it.
-The router is this process; shards are Ray actors (fractional GPUs on one GPU with --device cuda).
+file small: the exchange moves rows, not experts). The baseline is the eager in-process engine. On CUDA every
+sharded engine runs twice, eager and with piecewise CUDA graphs (the segments between MoE exchanges graphed, the
+exchanges eager), each in alternating rounds with the baseline (one after the other: a process holds one collective
+group), and the graphed in-process engine is printed beside them for scale. The router is this process; shards are
+Ray actors (fractional GPUs on one GPU with --device cuda).
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ class Decoder:
         from raymoe.platform.engine import LLMEngine
         gpu = device == "cuda"
         par = ParallelConfig(num_shards=shards, transport=transport, cpus_per_shard=1.0, router_cpus=1.0,
-                             gpus_per_shard=0.5 if gpu else 0.0)
+                             gpus_per_shard=0.5 if gpu else 0.0,
+                             **({"piecewise_graphs": True} if gpu and shards else {}))
         self.eng = LLMEngine(EngineConfig(
             model=path, device=device, dtype="bfloat16" if gpu else "float32", block_size=16,
             num_blocks=batch * (-(-(budget + 40) // 16)) + 8, enforce_eager=not graphs, cuda_graph_sizes=[1, 8, 32],
@@ -74,13 +77,13 @@ class Decoder:
         self.eng.close()
 
 
-def ab(base: Decoder, other: Decoder, steps: int, rounds: int) -> tuple[float, float]:
-    """Median steps of two engines measured in alternating rounds (the same machine state for both)."""
-    a, b = [], []
+def alternate(decoders: list[Decoder], steps: int, rounds: int) -> list[float]:
+    """Median steps of engines measured in alternating rounds (the same machine state for all)."""
+    times: list[list[float]] = [[] for _ in decoders]
     for _ in range(rounds):
-        a.append(base.time(steps))
-        b.append(other.time(steps))
-    return statistics.median(a), statistics.median(b)
+        for dec, ts in zip(decoders, times):
+            ts.append(dec.time(steps))
+    return [statistics.median(ts) for ts in times]
 
 
 def exchange_times(path: str, batch: int, reps: int, gpu: bool) -> dict[str, float]:
@@ -154,6 +157,8 @@ def main() -> None:
     ap.add_argument("--transports", nargs="+", default=["local", "ray", "collective"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the router (CPU)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-exchange", action="store_true", help="skip the actor call / compiled graph exchange")
     a = ap.parse_args()
     import ray
     torch.set_num_threads(a.threads)
@@ -164,19 +169,31 @@ def main() -> None:
     print(f"model {path}  device {a.device}  torch {torch.__version__}  router threads {a.threads}")
     print("decode step: each engine against the eager in-process engine, alternating rounds of steps (same run)")
     print(f"{'batch':>5} {'engine':<22} {'step ms':>9} {'base ms':>9} {'vs base':>8} {'added/MoE layer ms':>19}")
-    rounds = 5
-    budget = a.steps * rounds * 2 * (1 + len(a.transports) * len(a.shards) + gpu) + 20
+    rounds = a.rounds
+    # (name, shards, transport, graphs): on CUDA each sharded engine eager and with piecewise graphs
+    engines = [("in-process (graphs)", 0, "local", True)] if gpu else []
+    for t in a.transports:
+        for n in a.shards:
+            engines.append((f"{t} x{n}", n, t, False))
+            if gpu:
+                engines.append((f"{t} x{n} piecewise", n, t, True))
+    budget = a.steps * rounds * (len(engines) + 1) + 20
     for batch in a.batch:
         base = Decoder(path, a.device, batch, budget)
-        others = [("in-process (graphs)", 0, "local", True)] if gpu else []
-        others += [(f"{t} x{n}", n, t, False) for t in a.transports for n in a.shards]
-        for name, n, transport, graphs in others:
-            dec = Decoder(path, a.device, batch, budget, n, transport, graphs)
-            t0, t = ab(base, dec, a.steps, rounds)
+        eager: dict[tuple[int, str], float] = {}
+        for name, n, t, graphs in engines:   # one at a time: a process holds one collective group
+            dec = Decoder(path, a.device, batch, budget, n, t, graphs)
+            t0, t1 = alternate([base, dec], a.steps, rounds)
             dec.close()
-            added = "" if graphs else f"{(t - t0) / base.moe_layers * 1e3:.3f}"
-            print(f"{batch:>5} {name:<22} {t * 1e3:>9.2f} {t0 * 1e3:>9.2f} {t / t0:>8.2f} {added:>19}", flush=True)
+            added = "" if n == 0 else f"{(t1 - t0) / base.moe_layers * 1e3:.3f}"
+            print(f"{batch:>5} {name:<22} {t1 * 1e3:>9.2f} {t0 * 1e3:>9.2f} {t1 / t0:>8.2f} {added:>19}", flush=True)
+            if n and not graphs:
+                eager[n, t] = t1 / t0
+            elif n:                          # each against the same baseline: the ratio of their ratios
+                print(f"{batch:>5} {'  piecewise / eager':<22} {t1 / t0 / eager[n, t]:>9.3f}", flush=True)
         base.close()
+    if a.no_exchange:
+        return
     print("\none MoE layer's exchange with one shard (median of 200)")
     for batch in a.batch:
         for name, t in exchange_times(path, batch, 200, gpu).items():

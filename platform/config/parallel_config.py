@@ -29,3 +29,7 @@ class ParallelConfig(BaseModel):
     # a step whose shard fails waits this long for it to come back (Ray restarts it) before its requests fail
     step_deadline_s: float = Field(60.0, gt=0)
     shard_start_timeout_s: float = Field(300.0, gt=0)   # new shards must have loaded by then (start, re-plan)
+    # CUDA: capture the decode step piecewise, as graphs of the segments between MoE exchanges replayed around the
+    # eager exchanges (False: steps with remote experts run eager; a remote call itself is never captured). Off by
+    # default until benchmarks/ep_decode.py on a GPU shows it faster than eager (not yet measured: BENCHMARKS.md)
+    piecewise_graphs: bool = False

@@ -3,16 +3,21 @@ buffers: decode (q = 1), MTP verification (q = k + 1) and MTP drafting (the MTP 
 
 A step of a small batch is dominated by kernel launches; replaying a captured graph removes them. Each graph reads
 its inputs from static buffers (token ids, positions, cache slots, block tables, lengths, and for the MTP module
-the hidden states it continues from) and writes the hidden states into a static output. Per-row adapters (multi_lora) add the slot of each row as one more static
-input, in graphs of their own (a batch without adapters replays one without LoRA work). Batches are padded up to
+the hidden states it continues from) and writes the hidden states into a static output. Per-row adapters (multi_lora) add the slot of each row as one
+more static input, in graphs of their own (a batch without adapters replays one without LoRA work). Batches are padded up to
 the next captured size: padding rows write their latents into a scratch block that no sequence owns and attend
 only to it. Context buckets (block-table widths) are powers of two, so a graph gathers at most twice the blocks it
 needs. Graphs are captured lazily.
+
+A model whose routed experts are remote (expert parallelism) is captured piecewise when `piecewise` is set: the
+segments between its MoE exchanges are graphs and the exchanges run eagerly between them (`piecewise_graphs`).
+Whole-step capture refuses such a model: a remote call is never captured.
 """
 from __future__ import annotations
 
 import torch
 
+from raymoe.platform.engine.piecewise_graphs import PiecewiseGraph
 from raymoe.platform.engine.uniform_batch import run_uniform, uniform_inputs
 from raymoe.platform.model import DeepseekV3ForCausalLM
 
@@ -21,21 +26,23 @@ _INPUTS = ("ids", "pos", "slots", "tables", "lens")
 
 class DecodeGraphs:
     def __init__(self, model: DeepseekV3ForCausalLM, caches: list[torch.Tensor], block_size: int,
-                 sizes: list[int], scratch_block: int, max_blocks: int, query_lens: set[int] | None = None) -> None:
+                 sizes: list[int], scratch_block: int, max_blocks: int, query_lens: set[int] | None = None,
+                 piecewise: bool = False) -> None:
         self.model, self.caches, self.bs = model, caches, block_size
+        self.piecewise = piecewise            # remote experts: graph the segments between exchanges
         self.sizes = sorted(sizes)
         self.scratch = scratch_block
         self.max_blocks = max_blocks
         self.query_lens = query_lens or {1}
         self.device = caches[0].device
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | PiecewiseGraph, dict[str, torch.Tensor]]] = {}
         self.pool = None
 
     @staticmethod
-    def supported(model: DeepseekV3ForCausalLM) -> bool:
+    def supported(model: DeepseekV3ForCausalLM, piecewise: bool = False) -> bool:
         p = next(model.parameters())
         return (p.is_cuda and p.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-                and not model.remote_experts())       # a remote expert call is never captured: steps run eager
+                and (piecewise or not model.remote_experts()))   # a remote call is never captured
 
     def can_run(self, tokens: list[list[int]]) -> bool:
         q = len(tokens[0])
@@ -49,7 +56,8 @@ class DecodeGraphs:
         return min(w, self.max_blocks)
 
     def _capture(self, mtp: bool, q: int, B: int, W: int, lora: bool):
-        if self.model.remote_experts():
+        remote = self.model.remote_experts()
+        if remote and not self.piecewise:
             raise RuntimeError("refusing to capture a CUDA graph over remote expert dispatches")
         init = uniform_inputs([[0] * q], [[self.scratch]], [0], self.bs, rows=B, width=W, pad_block=self.scratch,
                               lora=[-1] if lora else None)
@@ -69,6 +77,11 @@ class DecodeGraphs:
             for _ in range(2):
                 run()
         torch.cuda.current_stream().wait_stream(stream)
+        if remote:
+            graph = PiecewiseGraph(self.model, self.pool)
+            buf["out"] = graph.capture(run)
+            self.pool = graph.pool
+            return graph, buf
         graph = torch.cuda.CUDAGraph()          # (a fresh PagedAttention per run: its indices are built inside)
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
             buf["out"] = run()

@@ -103,7 +103,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.num_spec > 0,
                                   None if cfg.enforce_eager else cfg.cuda_graph_sizes, self.max_model_len,
                                   {1, self.num_spec + 1} if cfg.cpu_compile and not cfg.enforce_eager else None,
-                                  {1, self.num_spec + 1})
+                                  {1, self.num_spec + 1}, piecewise_graphs=cfg.parallel.piecewise_graphs)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         if tokenizer is None and (Path(cfg.model) / "tokenizer.json").is_file():
             from transformers import AutoTokenizer

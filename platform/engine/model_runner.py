@@ -17,9 +17,11 @@ from raymoe.platform.model import DeepseekV3ForCausalLM, PagedAttention
 class ModelRunner:
     def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int, use_mtp: bool,
                  graph_sizes: list[int] | None = None, max_model_len: int = 131072,
-                 compile_query_lens: set[int] | None = None, uniform_query_lens: set[int] | None = None) -> None:
+                 compile_query_lens: set[int] | None = None, uniform_query_lens: set[int] | None = None,
+                 piecewise_graphs: bool = False) -> None:
         # graph_sizes: CUDA-graph batch sizes (None: eager); compile_query_lens: torch.compile the CPU steps with
-        # these query lengths (None: eager); uniform_query_lens: the query lengths graphs are captured for
+        # these query lengths (None: eager); uniform_query_lens: the query lengths graphs are captured for;
+        # piecewise_graphs: with remote experts, graph the segments between exchanges (else such steps run eager)
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -30,9 +32,10 @@ class ModelRunner:
         self.caches = [torch.zeros(num_blocks + 1, block_size, cfg.latent_dim, dtype=self.dtype, device=self.device)
                        for _ in range(n_layers)]
         self.graphs = None
-        if graph_sizes and DecodeGraphs.supported(model):
+        if graph_sizes and DecodeGraphs.supported(model, piecewise_graphs):
             self.graphs = DecodeGraphs(model, self.caches, block_size, graph_sizes, scratch_block=num_blocks,
-                                       max_blocks=-(-max_model_len // block_size), query_lens=uniform_query_lens)
+                                       max_blocks=-(-max_model_len // block_size), query_lens=uniform_query_lens,
+                                       piecewise=piecewise_graphs)
         self.compiled = None
         if compile_query_lens and CompiledDecode.supported(model):
             self.compiled = CompiledDecode(model, self.caches, block_size, compile_query_lens)

@@ -15,36 +15,60 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# one collective exchange: a header [op, layer, rows, k], then x, ids and w packed as one byte buffer
-OP_COMPUTE, OP_STOP = 1, 0
+# one collective exchange, router -> shard: one message [op, layer, n, k] + ids, owner, w [n, k] + x [n, H], the
+# whole layer's batch (the shard computes the pairs whose owner is itself); shard -> router: its weighted sum [n, H].
+# A shard always has its next receive posted, sized for the last n it was told (0 at start: a bare header); the
+# router first sends a RESIZE message of the old size when n changes. So an exchange is one message each way.
+OP_STOP, OP_COMPUTE, OP_RESIZE = 0, 1, 2
+HEADER_BYTES = 4 * 8
 
 
-def pack(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [n, H], ids [n, k] long, w [n, k] fp32 -> one uint8 buffer (one message instead of three)."""
-    return torch.cat([t.contiguous().view(torch.uint8).flatten() for t in (x, ids, w.float())])
+def message_bytes(n: int, h: int, k: int, dtype: torch.dtype) -> int:
+    return HEADER_BYTES + n * h * torch.empty((), dtype=dtype).element_size() + n * k * (8 + 4 + 8)
+
+
+def pack(op: int, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+         owner: torch.Tensor) -> torch.Tensor:
+    """header + ids [n, k] long + owner [n, k] long + w [n, k] fp32 + x [n, H] (each aligned for its type) -> one
+    host uint8 buffer."""
+    n, k = ids.shape
+    body = torch.cat([t.contiguous().view(torch.uint8).flatten() for t in (ids, owner, w.float(), x)])
+    header = torch.tensor([op, layer, n, k], dtype=torch.long).view(torch.uint8)
+    return torch.cat([header, body.cpu()])
+
+
+def control(op: int, n: int, k: int, size: int) -> torch.Tensor:
+    """A message of `size` bytes that carries only a header (RESIZE to n rows, or STOP)."""
+    buf = torch.zeros(size, dtype=torch.uint8)
+    buf[:HEADER_BYTES].view(torch.long).copy_(torch.tensor([op, 0, n, k], dtype=torch.long))
+    return buf
+
+
+def read_header(buf: torch.Tensor) -> list[int]:
+    """[op, layer, n, k] of a message."""
+    return buf[:HEADER_BYTES].view(torch.long).tolist()
 
 
 def unpack(buf: torch.Tensor, n: int, h: int, k: int, dtype: torch.dtype):
-    """The inverse of `pack`."""
-    sizes = (n * h * torch.empty((), dtype=dtype).element_size(), n * k * 8, n * k * 4)
-    x, ids, w = buf.split(sizes)
-    return x.view(dtype).view(n, h), ids.view(torch.long).view(n, k), w.view(torch.float32).view(n, k)
-
-
-def packed_bytes(n: int, h: int, k: int, dtype: torch.dtype) -> int:
-    return n * h * torch.empty((), dtype=dtype).element_size() + n * k * 12
+    """The inverse of `pack` -> x [n, H], ids, w, owner [n, k] (views into buf)."""
+    sizes = (n * k * 8, n * k * 8, n * k * 4, n * h * torch.empty((), dtype=dtype).element_size())
+    ids, owner, w, x = buf[HEADER_BYTES:HEADER_BYTES + sum(sizes)].split(sizes)
+    return x.view(dtype).view(n, h), ids.view(torch.long).view(n, k), w.view(torch.float32).view(n, k), \
+        owner.view(torch.long).view(n, k)
 
 
 class ExpertShard:
     def __init__(self, path: str, experts: dict[int, list[int]], dtype: str = "float32",
                  device: str = "cpu", threads: int | None = None) -> None:
         from raymoe.platform.checkpoint.experts import load_experts
+        from raymoe.platform.config import ModelConfig
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         held = {layer: ids for layer, ids in experts.items() if ids}
         self.experts, self._keys = load_experts(path, held, self.dtype, self.device)
+        self.hidden = ModelConfig.from_pretrained(path).hidden_size
         self._collective = threading.Lock()       # one data-plane loop at a time
 
     def ping(self) -> bool:
@@ -62,24 +86,27 @@ class ExpertShard:
         return y.to(dev)
 
     def serve_collective(self, init_method: str, rank: int, world: int, timeout_s: float) -> int:
-        """Join the replica's gloo group as `rank` and compute exchanges until the router says stop or the group
-        breaks. Returns how many exchanges it served."""
+        """Join the replica's gloo group as `rank` (shard rank - 1 of the plan) and compute exchanges until the
+        router says stop or the group breaks. Returns how many exchanges it served."""
         import torch.distributed as dist
+        me = rank - 1
         with self._collective:
             dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                                     timeout=timedelta(seconds=timeout_s))
             served = 0
             try:
-                header = torch.empty(4, dtype=torch.long)
+                buf = torch.empty(HEADER_BYTES, dtype=torch.uint8)         # n = 0 rows: a bare header
                 while True:
-                    dist.recv(header, src=0)
-                    op, layer, n, k = header.tolist()
+                    dist.recv(buf, src=0)
+                    op, layer, n, k = read_header(buf)
                     if op == OP_STOP:
                         break
-                    h = self.experts[layer].gate_up_proj.shape[2]
-                    buf = torch.empty(packed_bytes(n, h, k, self.dtype), dtype=torch.uint8)
-                    dist.recv(buf, src=0)
-                    dist.send(self.compute(layer, *unpack(buf, n, h, k, self.dtype)).contiguous(), dst=0)
+                    if op == OP_RESIZE:
+                        buf = torch.empty(message_bytes(n, self.hidden, k, self.dtype), dtype=torch.uint8)
+                        continue
+                    x, ids, w, owner = unpack(buf, n, self.hidden, k, self.dtype)
+                    y = self.compute(layer, x, torch.where(owner == me, ids, -1), w)
+                    dist.send(y.contiguous(), dst=0)
                     served += 1
             except RuntimeError as e:                     # the router went away or re-forms the group
                 log.info("collective loop of rank %d ended: %s", rank, str(e).splitlines()[0])

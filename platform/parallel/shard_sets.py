@@ -1,6 +1,9 @@
 """Shard sets: the shards serving one placement plan, behind one transport.
 
-A set sends one shard the rows of one layer (`send` -> handle) and returns its output (`wait`); it never routes.
+A set sends one layer's batch to the shards that have work in it (`send(layer, x, ids, w, owner, hit)` -> handle;
+`owner` [N, k] says which shard computes each (token, expert) pair, `hit` which shards own any) and returns the sum
+of their outputs (`wait` -> [N, H]): each shard computes its own pairs (ids masked to -1 elsewhere) and sums their
+weighted outputs itself, so the router only adds one [N, H] per shard, in fp32. It never routes.
 `LocalShards` holds `ExpertShard` objects in the router's process (the numerical reference). `RayShards` runs each
 as a Ray actor (restarted by Ray when it dies; it reloads its experts) and exchanges rows by actor calls.
 `CollectiveShards` places the same actors but moves rows over a gloo group formed among router (rank 0) and shards:
@@ -18,7 +21,8 @@ import torch
 
 from raymoe.platform.config import ParallelConfig
 from raymoe.platform.parallel.plan import PlacementPlan
-from raymoe.platform.parallel.shard import OP_COMPUTE, OP_STOP, ExpertShard, pack
+from raymoe.platform.parallel.shard import (HEADER_BYTES, OP_COMPUTE, OP_RESIZE, OP_STOP, ExpertShard, control,
+                                            message_bytes, pack)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,19 @@ class ExpertsUnavailable(RuntimeError):
     """Expert shards did not come back within the step deadline: the step's requests fail, the router lives on."""
 
 
+def mine(ids: torch.Tensor, owner: torch.Tensor, shard: int) -> torch.Tensor:
+    """The expert ids shard `shard` computes ([N, k]; -1 for pairs another shard owns)."""
+    return torch.where(owner == shard, ids, -1)
+
+
+def combine(ys: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """The shards' partial outputs (S x [N, H], or stacked [S, N, H]) summed in fp32, in their dtype."""
+    if len(ys) == 1:
+        return ys[0]
+    stacked = ys if isinstance(ys, torch.Tensor) else torch.stack(ys)
+    return stacked.sum(0, dtype=torch.float32).to(stacked.dtype)
+
+
 class LocalShards:
     """Every shard an in-process ExpertShard: `send` computes at once."""
 
@@ -44,11 +61,11 @@ class LocalShards:
         old = {_key(s): sh for s, sh in zip(reuse.plan.shards, reuse.shards)} if reuse else {}
         self.shards = [old.get(_key(s)) or ExpertShard(path, s.experts, dtype, device) for s in plan.shards]
 
-    def send(self, shard: int, layer: int, x, ids, w):
-        return self.shards[shard].compute(layer, x, ids, w)
+    def send(self, layer: int, x, ids, w, owner, hit: list[int]):
+        return [self.shards[s].compute(layer, x, mine(ids, owner, s), w) for s in hit]
 
     def wait(self, handle) -> torch.Tensor:
-        return handle
+        return combine(handle)
 
     def activate(self) -> None: ...
     def deactivate(self) -> None: ...
@@ -95,16 +112,21 @@ class RayShards:
             raise RuntimeError(f"expert shards did not start within {cfg.shard_start_timeout_s:g} s (not enough "
                                f"free resources for {len(self.actors)} shards?)") from None
 
-    def send(self, shard: int, layer: int, x, ids, w):
-        return shard, self.actors[shard].compute.remote(layer, x.cpu(), ids.cpu(), w.cpu()), x.device
+    def send(self, layer: int, x, ids, w, owner, hit: list[int]):
+        import ray
+        xc, idc, wc, oc = x.cpu(), ids.cpu(), w.cpu(), owner.cpu()
+        return [(s, self.actors[s].compute.remote(layer, xc, mine(idc, oc, s), wc)) for s in hit], x.device
 
     def wait(self, handle) -> torch.Tensor:
         import ray
-        shard, ref, device = handle
-        try:
-            return ray.get(ref).to(device, non_blocking=True)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            raise ShardFailure(shard, e) from e
+        refs, device = handle
+        ys = []
+        for shard, ref in refs:
+            try:
+                ys.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                raise ShardFailure(shard, e) from e
+        return combine(ys).to(device, non_blocking=True)
 
     def activate(self) -> None: ...
     def deactivate(self) -> None: ...
@@ -147,12 +169,17 @@ def _free_port(host: str) -> int:
 
 class CollectiveShards(RayShards):
     """The shard actors of `RayShards`, with rows moving over a gloo group: router rank 0, shard i rank i + 1.
-    One exchange: a header [op, layer, rows, k] and x, ids, w packed in one buffer to the shard; its output back."""
+    One exchange: the layer's whole batch as one message to each shard with work (`shard.pack`), one [N, H] back;
+    receives are posted before the sends, and each shard's next receive is posted as soon as it has replied, so a
+    message never waits for its receiver (`expect[i]`: the rows shard i's posted receive is sized for)."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
         self.loops: list = []
-        self.active = False
+        self.active = False                  # the gloo group is formed
+        self.broken = False                  # an exchange failed: the protocol state is unknown until recover()
+        self.expect: list[int] = []
+        self._h, self._k, self._dtype = 0, 0, torch.float32     # the row format of the last exchange
 
     def activate(self) -> None:
         import ray
@@ -164,19 +191,19 @@ class CollectiveShards(RayShards):
         self.loops = [a.serve_collective.remote(init, i + 1, world, timeout) for i, a in enumerate(self.actors)]
         dist.init_process_group("gloo", init_method=init, rank=0, world_size=world,
                                 timeout=timedelta(seconds=self.cfg.step_deadline_s))
-        self.active = True
+        self.expect = [0] * len(self.actors)            # every shard starts with a bare header's receive posted
+        self.active, self.broken = True, False
 
     def deactivate(self, wait_s: float | None = None) -> None:
-        """Stop every live shard's loop (a stop header each; a dead one's send fails) and leave the group."""
+        """Stop every live shard's loop (a stop message each; a dead one's send fails) and leave the group."""
         import ray
         import torch.distributed as dist
         if not self.active:
             return
         self.active = False
-        stop = torch.tensor([OP_STOP, 0, 0, 0], dtype=torch.long)
-        for i in range(len(self.actors)):
+        for i, n in enumerate(self.expect):
             try:
-                dist.send(stop, dst=i + 1)
+                dist.send(control(OP_STOP, 0, 0, self._size(n)), dst=i + 1)
             except RuntimeError as e:                  # that shard is gone: its loop is gone too
                 log.info("stopping shard %d's collective loop: %s", i, str(e).splitlines()[0])
         dist.destroy_process_group()
@@ -185,30 +212,42 @@ class CollectiveShards(RayShards):
         except Exception as e:                         # noqa: BLE001 - a dead shard's loop; recover() handles it
             log.info("collective loops ended with: %s", str(e).splitlines()[0])
 
-    def send(self, shard: int, layer: int, x, ids, w):
+    def _size(self, n: int) -> int:
+        return message_bytes(n, self._h, self._k, self._dtype) if n else HEADER_BYTES
+
+    def send(self, layer: int, x, ids, w, owner, hit: list[int]):
         import torch.distributed as dist
-        if not self.active:
-            raise ShardFailure(shard, "the collective group is down")
+        if not self.active or self.broken:
+            raise ShardFailure(hit[0], "the collective group is down")
         n, k = ids.shape
-        dev = x.device
+        self._h, self._k, self._dtype = x.shape[1], k, x.dtype
+        shard = hit[0]
         try:
-            header = torch.tensor([OP_COMPUTE, layer, n, k], dtype=torch.long)
-            tensors = [header, pack(x.cpu(), ids.cpu(), w.cpu())]
-            works = [dist.isend(t, dst=shard + 1) for t in tensors]
-            y = torch.empty(n, x.shape[1], dtype=x.dtype)
-            works.append(dist.irecv(y, src=shard + 1))
+            msg = pack(OP_COMPUTE, layer, x, ids, w, owner)
+            ys = torch.empty(len(hit), n, x.shape[1], dtype=x.dtype)
+            works = [(s, dist.irecv(ys[j], src=s + 1)) for j, s in enumerate(hit)]
+            sent = [msg]
+            for s in hit:
+                shard = s
+                if self.expect[s] != n:                # resize the shard's posted receive first
+                    sent.append(control(OP_RESIZE, n, k, self._size(self.expect[s])))
+                    works.append((s, dist.isend(sent[-1], dst=s + 1)))
+                    self.expect[s] = n
+                works.append((s, dist.isend(msg, dst=s + 1)))
         except RuntimeError as e:
+            self.broken = True                         # recover() re-forms the group
             raise ShardFailure(shard, e) from e
-        return shard, works, tensors, y, dev
+        return works, sent, ys, x.device
 
     def wait(self, handle) -> torch.Tensor:
-        shard, works, _tensors, y, dev = handle       # (_tensors: kept alive until their sends complete)
-        try:
-            for wk in works:
+        works, _sent, ys, dev = handle                # (_sent: kept alive until the sends complete)
+        for shard, wk in works:
+            try:
                 wk.wait()
-        except RuntimeError as e:
-            raise ShardFailure(shard, e) from e
-        return y.to(dev, non_blocking=True)
+            except RuntimeError as e:
+                self.broken = True
+                raise ShardFailure(shard, e) from e
+        return combine(ys).to(dev, non_blocking=True)
 
     def recover(self, deadline: float) -> None:
         """Tear the group down (the live shards' loops stop), wait for every shard to answer (a dead one restarts),

@@ -106,26 +106,42 @@ def test_expert_load_and_balance_report(ray_cluster, tiny_ckpt_fp32, ep_prompts)
         eng.close()
 
 
-def test_remote_experts_are_never_graphed(tiny_ckpt_fp32):
+def test_remote_experts_are_never_graphed_on_cpu(tiny_ckpt_fp32):
     eng = LLMEngine(engine_config(tiny_ckpt_fp32, 2, "local").model_copy(update={"enforce_eager": False}))
     assert eng.model.remote_experts() and eng.runner.graphs is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_engine_with_remote_experts_runs_eager_and_matches(tiny_ckpt_fp32):
+def test_cuda_piecewise_graphs_with_remote_experts_match_eager(tiny_ckpt_fp32):
     from raymoe.platform.config import EngineConfig, ParallelConfig
     from raymoe.platform.engine.cuda_graphs import DecodeGraphs
-    kw = dict(model=str(tiny_ckpt_fp32), device="cuda", dtype="bfloat16", num_blocks=256, block_size=16)
-    ref = LLMEngine(EngineConfig(**kw))
-    sharded = LLMEngine(EngineConfig(**kw, parallel=ParallelConfig(num_shards=2, transport="local")))
-    assert ref.runner.graphs is not None and sharded.runner.graphs is None
+    from raymoe.platform.engine.piecewise_graphs import PiecewiseGraph
+    kw = dict(model=str(tiny_ckpt_fp32), device="cuda", dtype="bfloat16", num_blocks=256, block_size=16,
+              cuda_graph_sizes=[1, 2, 4])
+    eager = LLMEngine(EngineConfig(**kw, parallel=ParallelConfig(num_shards=2, transport="local")))
+    graphed = LLMEngine(EngineConfig(**kw, parallel=ParallelConfig(num_shards=2, transport="local",
+                                                                   piecewise_graphs=True)))
+    assert eager.runner.graphs is None and graphed.runner.graphs is not None
+    # a whole-step capture refuses a model with remote experts, and the remote call refuses any capture
     with pytest.raises(RuntimeError, match="refusing to capture"):
-        DecodeGraphs(sharded.model, sharded.runner.caches, 16, [1], scratch_block=0, max_blocks=8)._capture(
+        DecodeGraphs(eager.model, eager.runner.caches, 16, [1], scratch_block=0, max_blocks=8)._capture(
             False, 1, 1, 8)
-    prompts = [[5, 6, 7], [9] * 20]
-    a = ref.generate(prompts, GREEDY)
-    b = sharded.generate(prompts, GREEDY)
+    moe = graphed.model.moe_layers()[0]
+    cfg = graphed.model.config
+    x = torch.zeros(1, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
+    ids = torch.zeros(1, cfg.num_experts_per_tok, dtype=torch.long, device="cuda")
+    w = torch.zeros(1, cfg.num_experts_per_tok, device="cuda")
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            moe.dispatch.send(moe.layer, x, ids, w)
+    prompts = [[5, 6, 7], [9] * 20, list(range(3, 40))]
+    a = eager.generate(prompts, GREEDY)
+    b = graphed.generate(prompts, GREEDY)
     assert [o["outputs"][0]["token_ids"] for o in a] == [o["outputs"][0]["token_ids"] for o in b]
+    pieces = [g for g, _ in graphed.runner.graphs.graphs.values()]
+    assert pieces and all(isinstance(g, PiecewiseGraph) for g in pieces)        # decode steps replayed them
+    main_moe = sum(1 for layer in graphed.model.model.layers if layer.mlp in graphed.model.moe_layers())
+    assert all(g.segments == 2 * main_moe + 1 for g in pieces)     # per MoE layer: to the send, shared expert
 
 
 def test_cli_generate_with_expert_shards(tiny_ckpt_fp32):

@@ -45,11 +45,12 @@ class Stream:
             time.sleep(0.01)
 
 
-def test_replan_2_4_3_while_streaming(ray_cluster, tiny_ckpt_fp32, ref_model, ep_prompts):
+@pytest.mark.parametrize("transport", ["ray", "collective"])
+def test_replan_2_4_3_while_streaming(ray_cluster, tiny_ckpt_fp32, ref_model, ep_prompts, transport):
     ray = ray_cluster
     n = 1000
     ref = _reference(ref_model, tiny_ckpt_fp32, ep_prompts[1], n)["token_ids"]
-    cfg = engine_config(tiny_ckpt_fp32, 2, "ray", num_blocks=400)
+    cfg = engine_config(tiny_ckpt_fp32, 2, transport, num_blocks=400)
     router = start_router(cfg)
     try:
         layers = ray.get(router.plan.remote())["layers"]
