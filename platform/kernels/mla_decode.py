@@ -28,7 +28,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _tile(q_lat, q_pe, Cache, Tables, b, n0, end, qpos, m_i, l_i, acc, stride_table, block_size, sm_scale_log2,
           R: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr, offs_r, offs_p, r_ok, p_ok,
-          INTERPRET: tl.constexpr):
+          INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     # one tile of BLOCK_N keys starting at n0: online-softmax update of (m_i, l_i, acc)
     D: tl.constexpr = R + P
     keys = n0 + tl.arange(0, BLOCK_N)
@@ -39,7 +39,8 @@ def _tile(q_lat, q_pe, Cache, Tables, b, n0, end, qpos, m_i, l_i, acc, stride_ta
     pe = tl.load(Cache + slot[:, None] + R + offs_p[None, :], mask=key_ok[:, None] & p_ok[None, :], other=0.0)
     if INTERPRET:       # the interpreter's 16-bit dot is wrong (Triton 3.6): the same products in fp32
         q_lat, q_pe, kv, pe = q_lat.to(tl.float32), q_pe.to(tl.float32), kv.to(tl.float32), pe.to(tl.float32)
-    s = tl.dot(q_lat, tl.trans(kv)) + tl.dot(q_pe, tl.trans(pe))    # [BLOCK_M, BLOCK_N] fp32
+    s = (tl.dot(q_lat, tl.trans(kv), input_precision=PRECISION)
+         + tl.dot(q_pe, tl.trans(pe), input_precision=PRECISION))      # [BLOCK_M, BLOCK_N] fp32
     s = s * sm_scale_log2
     visible = key_ok[None, :] & (keys[None, :] <= qpos[:, None])
     s = tl.where(visible, s, float("-inf"))
@@ -48,7 +49,7 @@ def _tile(q_lat, q_pe, Cache, Tables, b, n0, end, qpos, m_i, l_i, acc, stride_ta
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(Cache.dtype.element_ty).to(kv.dtype), kv)
+    acc = acc * alpha[:, None] + tl.dot(p.to(Cache.dtype.element_ty).to(kv.dtype), kv, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -57,7 +58,7 @@ def _split_kernel(Q, Cache, Tables, Lens, Part, Lse,
                   stride_table, M, H, QLEN, block_size, split_len, sm_scale_log2,
                   R: tl.constexpr, P: tl.constexpr, NUM_SPLITS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                  INTERPRET: tl.constexpr):
+                  INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     # Q: [B * M, R + P] (M = QLEN * H rows per sequence); Cache: [slots, R + P]; Tables: [B, W]; Lens: [B]
     # -> Part: [B * M, NUM_SPLITS, R] fp32 (normalised partial outputs), Lse: [B * M, NUM_SPLITS] fp32 (log2 units)
     pid_m = tl.program_id(0)
@@ -85,12 +86,14 @@ def _split_kernel(Q, Cache, Tables, Lens, Part, Lse,
         n0 = start
         while n0 < end:
             m_i, l_i, acc = _tile(q_lat, q_pe, Cache, Tables, b, n0, end, qpos, m_i, l_i, acc, stride_table,
-                                  block_size, sm_scale_log2, R, P, BLOCK_N, offs_r, offs_p, r_ok, p_ok, INTERPRET)
+                                  block_size, sm_scale_log2, R, P, BLOCK_N, offs_r, offs_p, r_ok, p_ok, INTERPRET,
+                                  PRECISION)
             n0 += BLOCK_N
     else:               # a for loop: Triton pipelines its loads (num_stages)
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc = _tile(q_lat, q_pe, Cache, Tables, b, n0, end, qpos, m_i, l_i, acc, stride_table,
-                                  block_size, sm_scale_log2, R, P, BLOCK_N, offs_r, offs_p, r_ok, p_ok, INTERPRET)
+                                  block_size, sm_scale_log2, R, P, BLOCK_N, offs_r, offs_p, r_ok, p_ok, INTERPRET,
+                                  PRECISION)
 
     has = l_i > 0
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -132,8 +135,8 @@ def default_config(rows: int, R: int) -> dict:
     """Tile sizes for `rows` query rows per sequence (heads x query tokens) and latent width R."""
     block_m = 64 if rows >= 64 else _pow2(rows)
     wide = _pow2(R) >= 256
-    return dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_warps=8 if wide and block_m >= 64 else 4,
-                num_stages=2)
+    # measured on an H200 (128 heads, R = 512, 32K context): 64 x 64 tiles with 8 warps beat 64 x 32 by 1.3-1.4x
+    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=8 if wide and block_m >= 64 else 4, num_stages=2)
 
 
 def num_splits(batch: int, row_blocks: int, capacity: int, block_n: int, device: torch.device) -> int:
@@ -178,6 +181,7 @@ def paged_mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.T
         block_tables.stride(0), M, H, query_len, block_size, split_len, scale * LOG2E,
         R=R, P=P, NUM_SPLITS=S, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_pow2(R), BLOCK_P=_pow2(P),
         INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",      # fp32 caches: full-precision products
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if out is None:
         out = torch.empty(N, H, R, dtype=q.dtype, device=q.device)

@@ -122,8 +122,8 @@ def causal_latent_attention(q: torch.Tensor, kv: torch.Tensor, q_pos: torch.Tens
 
 def kernel_query_len(q: torch.Tensor, cache: torch.Tensor, meta: PagedAttention) -> int | None:
     """The query length per sequence when the paged decode kernel serves this batch (every sequence computes the
-    same few tokens, on CUDA with a 16-bit cache and kernels enabled), else None: the PyTorch paths run."""
-    if cache.dtype not in (torch.bfloat16, torch.float16) or not kernels.enabled(q):
+    same few tokens, on CUDA with kernels enabled), else None: the PyTorch paths run."""
+    if cache.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not kernels.enabled(q):
         return None
     qlen = 1 if meta.is_decode else meta.uniform_query_len
     return qlen if qlen is not None and qlen <= KERNEL_MAX_QUERY_LEN else None
@@ -138,7 +138,7 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAtte
     """
     qlen = kernel_query_len(q, cache, meta)
     if qlen is not None:
-        # the Triton kernel (CUDA, bf16/fp16 cache): reads the cache once through the block table, split over the
+        # the Triton kernel (CUDA): reads the cache once through the block table, split over the
         # context; no gathered [B, L, D] copy, no [B, H, L] score tensor in memory
         from raymoe.platform.kernels.mla_decode import paged_mla_decode
         return paged_mla_decode(q, cache, meta.block_tables, meta.seq_lens_t, qlen, scale, value_dim)
