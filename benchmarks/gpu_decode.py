@@ -337,6 +337,54 @@ def fidelity(hf, ours, cfg) -> dict:
     return out
 
 
+def bench_fp8(bw: float, batches: list[int]) -> list[dict]:
+    """Weight-only FP8 GEMMs (Triton) against bf16 (cuBLAS, torch._grouped_mm) at DeepSeek-V3's decode shapes: the
+    dense/shared projections one at a time, and one layer's routed experts (256 x [4096, 7168] gate_up, top-8) in
+    one grouped launch. Weights rotate past the L2 where they are small."""
+    import triton.testing
+
+    from raymoe.platform.checkpoint.fp8 import FP8_MAX
+    from raymoe.platform.kernels.fp8_gemm import fp8_grouped, fp8_linear
+    rows = []
+
+    def q8(shape):
+        w = torch.randn(*shape, device=DEV, dtype=torch.bfloat16)
+        s = torch.rand(*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128), device=DEV) * 1e-2 / FP8_MAX + 1e-4
+        return (w * 16).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s, w
+
+    bench = lambda f: triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median") / 1e3   # noqa: E731
+    for name, N, K in (("q_b_proj", 24576, 1536), ("o_proj", 7168, 16384), ("shared gate_up", 4096, 7168),
+                       ("dense down", 7168, 18432)):
+        w8, s, w = q8((N, K))
+        for M in batches:
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            t8, t16 = bench(lambda: fp8_linear(x, w8, s)), bench(lambda: x @ w.T)
+            rows.append(dict(gemm=name, M=M, fp8_us=t8 * 1e6, bf16_us=t16 * 1e6, ratio=t8 / t16,
+                             fp8_TBps=N * K / t8 / 1e12, bf16_TBps=2 * N * K / t16 / 1e12))
+            print(json.dumps(rows[-1]), flush=True)
+        del w8, s, w
+    E, N, K, top = 256, 4096, 7168, 8
+    w8, s, w = q8((E, N, K))
+    for M in batches:
+        ids = torch.stack([torch.randperm(E, device=DEV)[:top] for _ in range(M)]).view(-1)
+        counts = torch.bincount(ids, minlength=E)
+        offs = counts.cumsum(0).to(torch.int32)
+        x = torch.randn(M * top, K, device=DEV, dtype=torch.bfloat16)
+        used = int((counts > 0).sum())
+        t8 = bench(lambda: fp8_grouped(x, w8, s, offs))
+        t16 = bench(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs))
+        rows.append(dict(gemm=f"experts gate_up x{used}", M=M, fp8_us=t8 * 1e6, bf16_us=t16 * 1e6, ratio=t8 / t16,
+                         fp8_TBps=used * N * K / t8 / 1e12, bf16_TBps=2 * used * N * K / t16 / 1e12))
+        print(json.dumps(rows[-1]), flush=True)
+    del w8, s, w
+    print("\n| GEMM | rows | FP8 us | bf16 us | FP8 / bf16 | FP8 weight TB/s | bf16 weight TB/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['gemm']} | {r['M']} | {r['fp8_us']:.1f} | {r['bf16_us']:.1f} | {r['ratio']:.2f} | "
+              f"{r['fp8_TBps']:.2f} | {r['bf16_TBps']:.2f} |")
+    return rows
+
+
 def bench_steps(hf, ours, cfg, bw: float, batches: list[int], prompt: int, steps: int, peer_batches: list[int],
                 hf_steps: int) -> list[dict]:
     """Engine steps (prompt `prompt`, then decode) with PyTorch attention (before) and the kernel (after), and the
@@ -375,7 +423,7 @@ def bench_steps(hf, ours, cfg, bw: float, batches: list[int], prompt: int, steps
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="steps", help="comma list of: kernel, steps, long, fidelity")
+    ap.add_argument("--sections", default="steps", help="comma list of: kernel, fp8, steps, long, fidelity")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=30)
@@ -403,6 +451,8 @@ def main() -> None:
     result = dict(copy_bw=bw, matmul_tflops=tf, layers=a.layers, prompt=a.prompt)
     if "kernel" in sections:
         result["kernel"] = bench_kernel(bw, tf, ints(a.contexts), ints(a.kernel_batches), sweep=not a.no_sweep)
+    if "fp8" in sections:
+        result["fp8"] = bench_fp8(bw, [1, 32])
     if sections & {"steps", "long", "fidelity"}:
         t = time.perf_counter()
         hf, ours, cfg = build(a.layers, a.smoke)
