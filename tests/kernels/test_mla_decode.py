@@ -81,3 +81,28 @@ def test_kernel_rejects_mismatched_shapes():
         paged_mla_decode(torch.zeros(3, 4, 48, dtype=torch.bfloat16, device=DEV), cache, tables, lens, 2, 1.0, 32)
     with pytest.raises(ValueError, match="does not match"):
         paged_mla_decode(torch.zeros(2, 4, 40, dtype=torch.bfloat16, device=DEV), cache, tables, lens, 1, 1.0, 32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qlen", [1, 3])
+def test_kernel_bf16_as_close_to_fp32_truth_as_pytorch_path(qlen):
+    """bf16 inputs: the kernel and the PyTorch bf16 path it replaces are both within bf16 rounding of the fp32
+    truth, and of the same order (seen under the interpreter: 0.0046 against 0.0037; both round the unnormalised
+    probabilities and the output to bf16)."""
+    from raymoe.platform import kernels
+    from raymoe.platform.kernels.mla_decode import paged_mla_decode
+    from raymoe.platform.model.attention import PagedAttention, paged_latent_attention
+    g = torch.Generator().manual_seed(40 + qlen)
+    lens, H, R, P, bs = [90, 33, 64], 8, 64, 32, 16
+    cache, tables = random_paged(lens, bs, R + P, g, device=DEV)
+    q = torch.randn(len(lens) * qlen, H, R + P, generator=g).to(torch.bfloat16).to(DEV)
+    lens_t = torch.tensor(lens, dtype=torch.long, device=DEV)
+    scale = (R + P) ** -0.5
+    truth = reference(q, cache, tables, lens, qlen, scale, R)
+    got = paged_mla_decode(q, cache, tables, lens_t, qlen, scale, R)
+    slots = torch.zeros(len(lens) * qlen, dtype=torch.long, device=DEV)
+    with kernels.set_enabled(False):
+        torch_path = paged_latent_attention(q, cache, PagedAttention.uniform(slots, tables, lens_t, qlen, bs), scale, R)
+    err_k = ((got.float() - truth).norm() / truth.norm()).item()
+    err_t = ((torch_path.float() - truth).norm() / truth.norm()).item()
+    assert err_k < 1e-2 and err_k <= 2 * err_t + 1e-3, (err_k, err_t)
