@@ -1,8 +1,16 @@
 """GPU decode benchmark: a full-width DeepSeek-V3 stack of a few layers (hidden 7168, 256 experts, MLA dims,
-random bf16 weights) decoding at batch 1, 8, 32 through raymoe's engine, against the memory-bandwidth floor and
-against transformers' DeepseekV3ForCausalLM holding the very same weight tensors, in the same run.
+random bf16 weights) decoding through raymoe's engine, against the memory-bandwidth floor and against transformers'
+DeepseekV3ForCausalLM holding the very same weight tensors (through its own `generate`, static compiled cache and
+dynamic cache), in the same run. Sections (--sections, comma list):
+  kernel    the paged MLA decode kernel alone vs the einsum path vs the bandwidth and compute floors (no model)
+  fp8       weight-only FP8 GEMMs vs bf16 at decode shapes (no model)
+  steps     engine steps before (PyTorch attention) / after (kernel), and the transformers peer
+  long      8K-128K decode steps before/after through the model runner (random latents in the cache)
+  fidelity  raymoe bf16 vs fp32 truth, transformers bf16 vs fp32 truth (fp32 copy of the weights)
 
-    PYTHONPATH=src python benchmarks/gpu_decode.py [--layers 4] [--prompt 512] [--steps 30] [--out DIR]
+    PYTHONPATH=src python benchmarks/gpu_decode.py --sections kernel,fp8
+    PYTHONPATH=src python benchmarks/gpu_decode.py --sections steps [--layers 4] [--prompt 512] [--out DIR]
+    PYTHONPATH=src python benchmarks/gpu_decode.py --sections fidelity,long --layers 2
 
 The floor of a decode step = bytes it must read (every attention/dense/shared weight, the routed experts the batch
 actually selects, the gates, the LM head, the embedding rows, the latent cache) / measured device copy bandwidth.
@@ -332,7 +340,8 @@ def fidelity(hf, ours, cfg) -> dict:
     out = dict(raymoe_bf16_vs_fp32=rel(lo), transformers_bf16_vs_fp32=rel(lh), raymoe_argmax=agree(lo),
                transformers_argmax=agree(lh))
     print(f"fidelity ({cfg.num_hidden_layers} layers, 64 tokens): raymoe bf16 vs fp32 truth "
-          f"{out['raymoe_bf16_vs_fp32']:.3f} rel err (argmax {out['raymoe_argmax']:.2f}), transformers bf16 vs fp32 truth "
+          f"{out['raymoe_bf16_vs_fp32']:.3f} rel err (argmax {out['raymoe_argmax']:.2f}), "
+          f"transformers bf16 vs fp32 truth "
           f"{out['transformers_bf16_vs_fp32']:.3f} (argmax {out['transformers_argmax']:.2f})", flush=True)
     return out
 
@@ -407,8 +416,9 @@ def bench_steps(hf, ours, cfg, bw: float, batches: list[int], prompt: int, steps
                           f"{str(e).splitlines()[0][:200]}", flush=True)
         rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| batch | raymoe before ms/step | raymoe ms/step | floor ms | raymoe % of floor | transformers static+compile "
-          "ms/step | transformers dynamic ms/step | raymoe vs best transformers | raymoe tokens/s | experts/layer |")
+    print("\n| batch | raymoe before ms/step | raymoe ms/step | floor ms | raymoe % of floor "
+          "| transformers static+compile ms/step | transformers dynamic ms/step | raymoe vs best transformers "
+          "| raymoe tokens/s | experts/layer |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         hs, hd = r.get("hf_static_ms"), r.get("hf_dynamic_ms")
