@@ -1,8 +1,16 @@
 """GPU decode benchmark: a full-width DeepSeek-V3 stack of a few layers (hidden 7168, 256 experts, MLA dims,
-random bf16 weights) decoding at batch 1, 8, 32 through raymoe's engine, against the memory-bandwidth floor and
-against transformers' DeepseekV3ForCausalLM holding the very same weight tensors, in the same run.
+random bf16 weights) decoding through raymoe's engine, against the memory-bandwidth floor and against transformers'
+DeepseekV3ForCausalLM holding the very same weight tensors (through its own `generate`, static compiled cache and
+dynamic cache), in the same run. Sections (--sections, comma list):
+  kernel    the paged MLA decode kernel alone vs the einsum path vs the bandwidth and compute floors (no model)
+  fp8       weight-only FP8 GEMMs vs bf16 at decode shapes (no model)
+  steps     engine steps before (PyTorch attention) / after (kernel), and the transformers peer
+  long      8K-128K decode steps before/after through the model runner (random latents in the cache)
+  fidelity  raymoe bf16 vs fp32 truth, transformers bf16 vs fp32 truth (fp32 copy of the weights)
 
-    PYTHONPATH=src python benchmarks/gpu_decode.py [--layers 4] [--prompt 512] [--steps 30] [--out DIR]
+    PYTHONPATH=src python benchmarks/gpu_decode.py --sections kernel,fp8
+    PYTHONPATH=src python benchmarks/gpu_decode.py --sections steps [--layers 4] [--prompt 512] [--out DIR]
+    PYTHONPATH=src python benchmarks/gpu_decode.py --sections fidelity,long --layers 2
 
 The floor of a decode step = bytes it must read (every attention/dense/shared weight, the routed experts the batch
 actually selects, the gates, the LM head, the embedding rows, the latent cache) / measured device copy bandwidth.
@@ -154,38 +162,293 @@ def bench_ours(ours, cfg, batch: int, prompt: int, steps: int) -> tuple[float, f
     return statistics.median(times), sum(uniq) / len(uniq)
 
 
-def bench_hf(hf, cfg, batch: int, prompt: int, steps: int) -> float:
+def bench_hf_generate(hf, cfg, batch: int, prompt: int, steps: int, static: bool) -> float:
+    """transformers' own fast path: `generate` (greedy, exactly N new tokens) with a static cache, which transformers
+    compiles by itself on CUDA, or with the default dynamic cache. Per-token time = (t(4 + steps) - t(4)) / steps,
+    so the prefill and the first tokens drop out; the first call (compilation) is untimed."""
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), generator=g).to(DEV)
-    with torch.no_grad():
-        out = hf(ids, use_cache=True)
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        times = []
-        for i in range(steps + 2):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = hf(nxt, past_key_values=cache, use_cache=True)
-            cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            torch.cuda.synchronize()
-            if i >= 2:
-                times.append(time.perf_counter() - t)
-    del cache, out
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if static:
+        kw["cache_implementation"] = "static"
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(4 + steps)                                      # compilation (static) and warm-up
+    short = statistics.median(run(4) for _ in range(2))
+    long = statistics.median(run(4 + steps) for _ in range(2))
     torch.cuda.empty_cache()
-    return statistics.median(times)
+    return (long - short) / steps
+
+
+def bench_kernel(bw: float, tf: float, contexts: list[int], batches: list[int], heads: int = 128,
+                 sweep: bool = True) -> list[dict]:
+    """The paged MLA decode kernel alone against the PyTorch (gather + einsum) path it replaces and against the
+    bandwidth floor (each cached latent read once) and the compute floor (QK over 576 + PV over 512 per head)."""
+    import triton.testing
+
+    from raymoe.platform import kernels
+    from raymoe.platform.kernels.mla_decode import default_config, flops_and_bytes, paged_mla_decode
+    from raymoe.platform.model.attention import PagedAttention, paged_latent_attention
+    R, P, bs = 512, 64, 64
+    scale = (128 + 64) ** -0.5
+    rows = []
+
+    def setup(B: int, L: int):
+        nblk = L // bs
+        copies = max(1, -(-256 * 2 ** 20 // (B * L * (R + P) * 2)))      # rotate past the 60 MB L2
+        sets = []
+        for _ in range(copies):
+            cache = torch.randn(B * nblk, bs, R + P, device=DEV, dtype=torch.bfloat16)
+            tables = torch.randperm(B * nblk, device=DEV).view(B, nblk)
+            sets.append((cache, tables))
+        q = torch.randn(B, heads, R + P, device=DEV, dtype=torch.bfloat16)
+        lens = torch.full((B,), L, device=DEV, dtype=torch.long)
+        return sets, q, lens
+
+    def time_kernel(sets, q, lens, config=None) -> float:
+        it = iter(range(1 << 30))
+
+        def call():
+            cache, tables = sets[next(it) % len(sets)]
+            return paged_mla_decode(q, cache, tables, lens, 1, scale, R, config=config)
+        return triton.testing.do_bench(call, warmup=10, rep=60, return_mode="median") / 1e3
+
+    if sweep:
+        configs = [dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2), dict(BLOCK_M=64, BLOCK_N=64, num_warps=8,
+                   num_stages=2), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+                   dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=3), dict(BLOCK_M=32, BLOCK_N=32, num_warps=4,
+                   num_stages=2), dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=3),
+                   dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3)]
+        print("kernel tile sweep (context 32768):", flush=True)
+        for B in (1, 32):
+            sets, q, lens = setup(B, 32768)
+            fl, by = flops_and_bytes(B, 32768, heads, 1, R, P)
+            for c in configs:
+                try:
+                    t = time_kernel(sets, q, lens, c)
+                    print(f"  batch {B} {c}: {t * 1e6:.0f} us, {by / t / 1e12:.2f} TB/s, {fl / t / 1e12:.0f} TFLOP/s",
+                          flush=True)
+                except Exception as e:                              # noqa: BLE001 - a shape that does not compile
+                    print(f"  batch {B} {c}: failed {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+            del sets, q, lens
+            torch.cuda.empty_cache()
+    print(f"default tiles for {heads} heads: {default_config(heads, R)}", flush=True)
+    for L in contexts:
+        for B in batches:
+            sets, q, lens = setup(B, L)
+            fl, by = flops_and_bytes(B, L, heads, 1, R, P)
+            t_k = time_kernel(sets, q, lens)
+            cache, tables = sets[0]
+            meta = PagedAttention.uniform(torch.zeros(B, dtype=torch.long, device=DEV), tables, lens, 1, bs)
+            with kernels.set_enabled(False):
+                t_ref = triton.testing.do_bench(lambda: paged_latent_attention(q, cache, meta, scale, R), warmup=10,
+                                                rep=60, return_mode="median") / 1e3
+            row = dict(context=L, batch=B, kernel_us=t_k * 1e6, einsum_us=t_ref * 1e6, bw_floor_us=by / bw * 1e6,
+                       compute_floor_us=fl / (tf * 1e12) * 1e6, kernel_TBps=by / t_k / 1e12,
+                       kernel_TFLOPs=fl / t_k / 1e12, speedup=t_ref / t_k)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del sets, q, lens, cache, tables, meta
+            torch.cuda.empty_cache()
+    print("\n| context | batch | kernel us | einsum us | speedup | bandwidth floor us | kernel % of copy bw "
+          "| compute floor us | kernel TFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['context']} | {r['batch']} | {r['kernel_us']:.0f} | {r['einsum_us']:.0f} | {r['speedup']:.1f}x "
+              f"| {r['bw_floor_us']:.0f} | {100 * r['bw_floor_us'] / r['kernel_us']:.0f}% | "
+              f"{r['compute_floor_us']:.0f} | {r['kernel_TFLOPs']:.0f} |")
+    return rows
+
+
+def bench_long(ours, cfg, bw: float, contexts: list[int], batches: list[int], steps: int) -> list[dict]:
+    """Decode steps at long contexts, PyTorch attention (before) and the kernel (after), through the model runner
+    with CUDA graphs: the caches hold random latents in place of a prefill (the step's cost does not depend on
+    their values), one token per sequence, the logits and their argmax included."""
+    from raymoe.platform import kernels
+    from raymoe.platform.engine.model_runner import ModelRunner
+    bs = 64
+    rows = []
+    for L in contexts:
+        for B in batches:
+            nblk = -(-(L + 1) // bs)
+            res = {}
+            for mode in ("before", "after"):
+                with kernels.set_enabled(mode == "after"):
+                    runner = ModelRunner(ours, num_blocks=B * nblk, block_size=bs, use_mtp=False, graph_sizes=[B],
+                                         max_model_len=nblk * bs)
+                    for c in runner.caches:
+                        c.normal_()
+                    perm = torch.randperm(B * nblk).view(B, nblk).tolist()
+                    toks = [[int(t)] for t in torch.randint(0, cfg.vocab_size, (B,))]
+                    starts = [L - 1] * B
+
+                    def step():
+                        h = runner.forward(toks, perm, starts)
+                        return runner.logits(h).argmax(-1)
+                    for _ in range(3):
+                        step()
+                    times = []
+                    for _ in range(steps):
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        step()
+                        torch.cuda.synchronize()
+                        times.append(time.perf_counter() - t)
+                    res[mode] = statistics.median(times)
+                    if mode == "after":                 # routing record, eager, for the floor's expert count
+                        runner.uniform = None
+                        for m in ours.moe_layers():
+                            m.count_load()
+                        step()
+                        uniq = sum(int((m.expert_load > 0).sum()) for m in ours.moe_layers()) / len(ours.moe_layers())
+                        for m in ours.moe_layers():
+                            m.count_load(False)
+                    del runner
+                    torch.cuda.empty_cache()
+            floor = weight_bytes(ours, cfg, uniq, B, L) / bw
+            rows.append(dict(context=L, batch=B, before_ms=res["before"] * 1e3, after_ms=res["after"] * 1e3,
+                             floor_ms=floor * 1e3, pct_before=100 * floor / res["before"],
+                             pct_after=100 * floor / res["after"]))
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| context | batch | before ms/step | after ms/step | floor ms | % of floor before | % of floor after |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['context']} | {r['batch']} | {r['before_ms']:.2f} | {r['after_ms']:.2f} | {r['floor_ms']:.2f} "
+              f"| {r['pct_before']:.0f}% | {r['pct_after']:.0f}% |")
+    return rows
+
+
+def fidelity(hf, ours, cfg) -> dict:
+    """bf16 error of each implementation against the same weights run in fp32 by transformers (the truth)."""
+    import copy
+    ids = torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)).to(DEV)
+    with torch.no_grad():
+        lo, lh = ours(ids).float(), hf(ids).logits.float()
+        truth_model = copy.deepcopy(hf).float()
+        truth = truth_model(ids).logits.float()
+        del truth_model
+    torch.cuda.empty_cache()
+    rel = lambda a: ((a - truth).norm() / truth.norm()).item()          # noqa: E731
+    agree = lambda a: (a.argmax(-1) == truth.argmax(-1)).float().mean().item()   # noqa: E731
+    out = dict(raymoe_bf16_vs_fp32=rel(lo), transformers_bf16_vs_fp32=rel(lh), raymoe_argmax=agree(lo),
+               transformers_argmax=agree(lh))
+    print(f"fidelity ({cfg.num_hidden_layers} layers, 64 tokens): raymoe bf16 vs fp32 truth "
+          f"{out['raymoe_bf16_vs_fp32']:.3f} rel err (argmax {out['raymoe_argmax']:.2f}), "
+          f"transformers bf16 vs fp32 truth "
+          f"{out['transformers_bf16_vs_fp32']:.3f} (argmax {out['transformers_argmax']:.2f})", flush=True)
+    return out
+
+
+def bench_fp8(bw: float, batches: list[int]) -> list[dict]:
+    """Weight-only FP8 GEMMs (Triton) against bf16 (cuBLAS, torch._grouped_mm) at DeepSeek-V3's decode shapes: the
+    dense/shared projections one at a time, and one layer's routed experts (256 x [4096, 7168] gate_up, top-8) in
+    one grouped launch. Weights rotate past the L2 where they are small."""
+    import triton.testing
+
+    from raymoe.platform.checkpoint.fp8 import FP8_MAX
+    from raymoe.platform.kernels.fp8_gemm import fp8_grouped, fp8_linear
+    rows = []
+
+    def q8(shape):
+        w = torch.randn(*shape, device=DEV, dtype=torch.bfloat16)
+        s = torch.rand(*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128), device=DEV) * 1e-2 / FP8_MAX + 1e-4
+        return (w * 16).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s, w
+
+    bench = lambda f: triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median") / 1e3   # noqa: E731
+    for name, N, K in (("q_b_proj", 24576, 1536), ("o_proj", 7168, 16384), ("shared gate_up", 4096, 7168),
+                       ("dense down", 7168, 18432)):
+        w8, s, w = q8((N, K))
+        for M in batches:
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            t8, t16 = bench(lambda: fp8_linear(x, w8, s)), bench(lambda: x @ w.T)
+            rows.append(dict(gemm=name, M=M, fp8_us=t8 * 1e6, bf16_us=t16 * 1e6, ratio=t8 / t16,
+                             fp8_TBps=N * K / t8 / 1e12, bf16_TBps=2 * N * K / t16 / 1e12))
+            print(json.dumps(rows[-1]), flush=True)
+        del w8, s, w
+    E, N, K, top = 256, 4096, 7168, 8
+    w8, s, w = q8((E, N, K))
+    for M in batches:
+        ids = torch.stack([torch.randperm(E, device=DEV)[:top] for _ in range(M)]).view(-1)
+        counts = torch.bincount(ids, minlength=E)
+        offs = counts.cumsum(0).to(torch.int32)
+        x = torch.randn(M * top, K, device=DEV, dtype=torch.bfloat16)
+        used = int((counts > 0).sum())
+        t8 = bench(lambda: fp8_grouped(x, w8, s, offs))
+        t16 = bench(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs))
+        rows.append(dict(gemm=f"experts gate_up x{used}", M=M, fp8_us=t8 * 1e6, bf16_us=t16 * 1e6, ratio=t8 / t16,
+                         fp8_TBps=used * N * K / t8 / 1e12, bf16_TBps=2 * used * N * K / t16 / 1e12))
+        print(json.dumps(rows[-1]), flush=True)
+    del w8, s, w
+    print("\n| GEMM | rows | FP8 us | bf16 us | FP8 / bf16 | FP8 weight TB/s | bf16 weight TB/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['gemm']} | {r['M']} | {r['fp8_us']:.1f} | {r['bf16_us']:.1f} | {r['ratio']:.2f} | "
+              f"{r['fp8_TBps']:.2f} | {r['bf16_TBps']:.2f} |")
+    return rows
+
+
+def bench_steps(hf, ours, cfg, bw: float, batches: list[int], prompt: int, steps: int, peer_batches: list[int],
+                hf_steps: int) -> list[dict]:
+    """Engine steps (prompt `prompt`, then decode) with PyTorch attention (before) and the kernel (after), and the
+    transformers peer through `generate` with a static compiled cache and with the dynamic cache."""
+    from raymoe.platform import kernels
+    rows = []
+    for B in batches:
+        with kernels.set_enabled(False):
+            before, _ = bench_ours(ours, cfg, B, prompt, steps)
+        step, uniq = bench_ours(ours, cfg, B, prompt, steps)
+        floor = weight_bytes(ours, cfg, uniq, B, prompt + steps) / bw
+        row = dict(batch=B, before_ms=before * 1e3, raymoe_ms=step * 1e3, floor_ms=floor * 1e3,
+                   pct_floor=100 * floor / step, unique_experts=uniq, tokens_per_s=B / step)
+        if B in peer_batches:
+            for name, static in (("hf_static_ms", True), ("hf_dynamic_ms", False)):
+                try:
+                    row[name] = bench_hf_generate(hf, cfg, B, prompt, hf_steps, static) * 1e3
+                except Exception as e:                      # noqa: BLE001 - report the peer's failure, keep going
+                    print(f"transformers generate ({name}) failed at batch {B}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}", flush=True)
+        rows.append(row)
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| batch | raymoe before ms/step | raymoe ms/step | floor ms | raymoe % of floor "
+          "| transformers static+compile ms/step | transformers dynamic ms/step | raymoe vs best transformers "
+          "| raymoe tokens/s | experts/layer |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        hs, hd = r.get("hf_static_ms"), r.get("hf_dynamic_ms")
+        peers = [x for x in (hs, hd) if x is not None]
+        ratio = f"{min(peers) / r['raymoe_ms']:.2f}x" if peers else "-"
+        f = lambda x: "-" if x is None else f"{x:.2f}"                      # noqa: E731
+        print(f"| {r['batch']} | {r['before_ms']:.2f} | {r['raymoe_ms']:.2f} | {r['floor_ms']:.2f} | "
+              f"{r['pct_floor']:.1f}% | {f(hs)} | {f(hd)} | {ratio} | {r['tokens_per_s']:.0f} | "
+              f"{r['unique_experts']:.0f} |")
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="steps", help="comma list of: kernel, fp8, steps, long, fidelity")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--hf-steps", type=int, default=8)
+    ap.add_argument("--hf-steps", type=int, default=16)
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--peer-batches", default="1,8", help="batches the transformers peer runs at (steps section)")
+    ap.add_argument("--contexts", default="8192,32768,131072", help="kernel and long sections")
+    ap.add_argument("--kernel-batches", default="1,8,32,64")
+    ap.add_argument("--long-batches", default="1,8")
+    ap.add_argument("--no-sweep", action="store_true", help="kernel section: skip the tile sweep")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="small dims on the CPU: checks the script, times nothing")
     a = ap.parse_args()
+    sections = set(a.sections.split(","))
+    ints = lambda x: [int(v) for v in x.split(",") if v]                   # noqa: E731
     if a.smoke:
         global DEV
         DEV = "cpu"
@@ -195,34 +458,26 @@ def main() -> None:
         bw, tf = copy_bandwidth(), matmul_tflops()
         print(f"device {torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | "
               f"bf16 matmul {tf:.0f} TFLOP/s", flush=True)
-    t = time.perf_counter()
-    hf, ours, cfg = build(a.layers, a.smoke)
-    print(f"built {a.layers} full-width layers ({sum(p.numel() for p in ours.parameters()) / 1e9:.1f}B params) "
-          f"in {time.perf_counter() - t:.0f}s", flush=True)
-    with torch.no_grad():   # same weights, same function: a bf16-level agreement check before timing
-        ids = torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)).to(DEV)
-        lo, lh = ours(ids).float(), hf(ids).logits.float()
-        print(f"raymoe vs transformers logits, same weights (bf16): rel err {((lo - lh).norm() / lh.norm()).item():.2e}, "
-              f"argmax agreement {(lo.argmax(-1) == lh.argmax(-1)).float().mean().item():.2f}", flush=True)
-        del lo, lh
-    rows = []
-    for B in [int(x) for x in a.batches.split(",")]:
-        step, uniq = bench_ours(ours, cfg, B, a.prompt, a.steps)
-        floor = weight_bytes(ours, cfg, uniq, B, a.prompt + a.steps) / bw
-        hf_step = bench_hf(hf, cfg, B, a.prompt, a.hf_steps)
-        rows.append(dict(batch=B, raymoe_ms=step * 1e3, floor_ms=floor * 1e3, pct_floor=100 * floor / step,
-                         hf_ms=hf_step * 1e3, speedup=hf_step / step, hf_pct_floor=100 * floor / hf_step,
-                         unique_experts=uniq, tokens_per_s=B / step))
-        print(json.dumps(rows[-1]), flush=True)
-    print("\n| batch | raymoe ms/step | floor ms | raymoe % of floor | transformers ms/step | transformers % of floor "
-          "| speedup | raymoe tokens/s | experts touched/layer |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['batch']} | {r['raymoe_ms']:.2f} | {r['floor_ms']:.2f} | {r['pct_floor']:.1f}% | {r['hf_ms']:.1f} "
-              f"| {r['hf_pct_floor']:.1f}% | {r['speedup']:.1f}x | {r['tokens_per_s']:.0f} | {r['unique_experts']:.0f} |")
+    result = dict(copy_bw=bw, matmul_tflops=tf, layers=a.layers, prompt=a.prompt)
+    if "kernel" in sections:
+        result["kernel"] = bench_kernel(bw, tf, ints(a.contexts), ints(a.kernel_batches), sweep=not a.no_sweep)
+    if "fp8" in sections:
+        result["fp8"] = bench_fp8(bw, [1, 32])
+    if sections & {"steps", "long", "fidelity"}:
+        t = time.perf_counter()
+        hf, ours, cfg = build(a.layers, a.smoke)
+        print(f"built {a.layers} full-width layers ({sum(p.numel() for p in ours.parameters()) / 1e9:.1f}B params) "
+              f"in {time.perf_counter() - t:.0f}s", flush=True)
+        if "fidelity" in sections:
+            result["fidelity"] = fidelity(hf, ours, cfg)
+        if "steps" in sections:
+            result["steps"] = bench_steps(hf, ours, cfg, bw, ints(a.batches), a.prompt, a.steps, ints(a.peer_batches),
+                                          a.hf_steps)
+        if "long" in sections:
+            result["long"] = bench_long(ours, cfg, bw, ints(a.contexts), ints(a.long_batches), a.steps)
     if a.out:
-        with open(f"{a.out}/gpu_decode.json", "w") as f:
-            json.dump(dict(copy_bw=bw, matmul_tflops=tf, rows=rows, layers=a.layers, prompt=a.prompt), f, indent=1)
+        with open(f"{a.out}/gpu_decode_{'_'.join(sorted(sections))}_{a.layers}l.json", "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from raymoe.platform import kernels
+
 # Upper bound on score elements (queries x heads x keys) materialised at once by the prefill path.
 SCORE_BUDGET = 1 << 25
+# Longest per-sequence query (decode: 1, MTP verification: k + 1) the paged decode kernel serves; longer chunks are
+# prefill, which the per-sequence PyTorch path runs.
+KERNEL_MAX_QUERY_LEN = 8
 
 
 @dataclass
@@ -115,6 +120,15 @@ def causal_latent_attention(q: torch.Tensor, kv: torch.Tensor, q_pos: torch.Tens
     return out
 
 
+def kernel_query_len(q: torch.Tensor, cache: torch.Tensor, meta: PagedAttention) -> int | None:
+    """The query length per sequence when the paged decode kernel serves this batch (every sequence computes the
+    same few tokens, on CUDA with kernels enabled), else None: the PyTorch paths run."""
+    if cache.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not kernels.enabled(q):
+        return None
+    qlen = 1 if meta.is_decode else meta.uniform_query_len
+    return qlen if qlen is not None and qlen <= KERNEL_MAX_QUERY_LEN else None
+
+
 def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAttention, scale: float,
                            value_dim: int) -> torch.Tensor:
     """Absorbed attention for a batch over the paged cache.
@@ -122,6 +136,12 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAtte
     q: [N, H, D]; cache: [num_blocks, block_size, D] (already holding this step's latents).
     Returns [N, H, value_dim].
     """
+    qlen = kernel_query_len(q, cache, meta)
+    if qlen is not None:
+        # the Triton kernel (CUDA): reads the cache once through the block table, split over the
+        # context; no gathered [B, L, D] copy, no [B, H, L] score tensor in memory
+        from raymoe.platform.kernels.mla_decode import paged_mla_decode
+        return paged_mla_decode(q, cache, meta.block_tables, meta.seq_lens_t, qlen, scale, value_dim)
     flat = cache.view(-1, cache.shape[-1])
     if meta.is_decode:
         # Reads every block of the table (its width is the batch's context bucket) and masks by seq_lens_t:
