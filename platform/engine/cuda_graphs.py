@@ -2,12 +2,12 @@
 buffers: decode (q = 1), MTP verification (q = k + 1) and MTP drafting (the MTP module over q positions).
 
 A step of a small batch is dominated by kernel launches; replaying a captured graph removes them. Each graph reads
-its inputs from static buffers (token ids, positions, cache slots, block tables, lengths, and for the MTP module
-the hidden states it continues from) and writes the hidden states into a static output. Per-row adapters (multi_lora) add the slot of each row as one
-more static input, in graphs of their own (a batch without adapters replays one without LoRA work). Batches are padded up to
-the next captured size: padding rows write their latents into a scratch block that no sequence owns and attend
-only to it. Context buckets (block-table widths) are powers of two, so a graph gathers at most twice the blocks it
-needs. Graphs are captured lazily.
+its inputs from static buffers (token ids, positions, cache slots, block tables, lengths, and for the MTP module the
+hidden states it continues from) and writes the hidden states into a static output. Per-row adapters (multi_lora) add
+the slot of each row as one more static input, in graphs of their own (a batch without adapters replays one without
+LoRA work). Batches are padded up to the next captured size: padding rows write their latents into a scratch block
+that no sequence owns and attend only to it. Context buckets (block-table widths) are powers of two, so a graph
+gathers at most twice the blocks it needs. Graphs are captured lazily.
 
 A model whose routed experts are remote (expert parallelism) is captured piecewise when `piecewise` is set: the
 segments between its MoE exchanges are graphs and the exchanges run eagerly between them (`piecewise_graphs`).
