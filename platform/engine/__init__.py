@@ -1,6 +1,6 @@
 """The inference engine: continuous batching over a paged latent KV cache, chunked prefill, sampling, MTP
 speculative decoding, and an asyncio streaming front."""
 from raymoe.platform.engine.async_engine import AsyncEngine
-from raymoe.platform.engine.llm_engine import Delta, LLMEngine, RequestError
+from raymoe.platform.engine.llm_engine import Delta, LLMEngine, RequestError, check_request
 
-__all__ = ["AsyncEngine", "Delta", "LLMEngine", "RequestError"]
+__all__ = ["AsyncEngine", "Delta", "LLMEngine", "RequestError", "check_request"]
