@@ -9,8 +9,10 @@ the request to the first SSE chunk with text), plus the machine's load average b
 The engines run one after another, never together (vLLM's engine-core process busy-polls a core while it is up):
 deploy raymoe's app, warm up, measure every concurrency (best of --repeats), delete it; then the same for vLLM's.
 Each engine at its best on the CPU: raymoe with cpu_compile, vLLM at its default compilation (torch.compile through
-inductor; --vllm-eager to skip it). Compilation happens in the untimed warm-up. Without --model a `vllm`-preset tiny
-checkpoint (the MLA sizes vLLM's CPU backend runs) is written in --dtype.
+inductor; --vllm-eager to skip it) and in bfloat16 (on AMX CPUs its AMX MLA backend takes only bf16 weights; float32
+runs its reference MLA backend). Compilation happens in the untimed warm-up. Without --model a `vllm`-preset tiny
+checkpoint (the MLA sizes vLLM's CPU backend runs) is written in bfloat16: the same weights for both engines, each
+computing in its own --raymoe-dtype / --vllm-dtype (a bf16 tensor widened to fp32 is exact).
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def wait_running(app: str, timeout_s: float = 3600) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--raymoe-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--vllm-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--threads", type=int, default=2, help="raymoe's torch threads (vLLM binds its own: all cores "
@@ -59,10 +62,10 @@ def main() -> None:
 
     from raymoe.platform.checkpoint import TinySpec, write_tiny_checkpoint
     model = a.model or str(write_tiny_checkpoint(tempfile.mkdtemp(prefix="serve-engines-"),
-                                                 TinySpec(preset="vllm", seed=1, dtype=a.dtype)))
-    common = {"max_num_seqs": 64, "num_blocks": 2048, "block_size": 16, "dtype": a.dtype}
-    engines = {"raymoe": {**common, "cpu_compile": True, "cpu_threads": a.threads},
-               "vllm": {**common, "kind": "vllm", "enforce_eager": a.vllm_eager}}
+                                                 TinySpec(preset="vllm", seed=1, dtype="bfloat16")))
+    common = {"max_num_seqs": 64, "num_blocks": 2048, "block_size": 16}
+    engines = {"raymoe": {**common, "cpu_compile": True, "cpu_threads": a.threads, "dtype": a.raymoe_dtype},
+               "vllm": {**common, "kind": "vllm", "enforce_eager": a.vllm_eager, "dtype": a.vllm_dtype}}
     sets = {c: prompts(max(8, 2 * c), 700, seed=c) for c in conc}
 
     import ray
@@ -102,8 +105,8 @@ def main() -> None:
         ray.shutdown()
 
     r, v = results.get("raymoe"), results.get("vllm")
-    print(f"\n{model} ({a.dtype}), max_tokens {a.max_tokens}, prompts 16-32 tokens, greedy, ignore_eos; raymoe "
-          f"cpu_compile {a.threads} threads; vLLM {'eager' if a.vllm_eager else 'default compilation'}\n")
+    print(f"\n{model}, max_tokens {a.max_tokens}, prompts 16-32 tokens, greedy, ignore_eos; raymoe {a.raymoe_dtype} "
+          f"cpu_compile {a.threads} threads; vLLM {a.vllm_dtype} {'eager' if a.vllm_eager else 'default compilation'}\n")
     print("| concurrency | requests | raymoe tok/s | vLLM tok/s | raymoe / vLLM | TTFT p50 raymoe / vLLM (ms) | "
           "TTFT p99 raymoe / vLLM (ms) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

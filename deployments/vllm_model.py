@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 def vllm_engine_args(cfg: EngineConfig, max_context: int, extra: dict | None = None) -> dict:
     """AsyncEngineArgs fields from raymoe's EngineConfig. vLLM sizes its KV cache to hold max_model_len, so with a
     fixed `num_blocks` its max_model_len is capped at the cache's tokens (the replica refuses longer requests first,
-    with raymoe's message)."""
+    with raymoe's message). float32 on the CPU takes vLLM's reference MLA backend: the AMX one it prefers where the
+    CPU has AMX refuses float32 weights ("expect weight to be bfloat16, ...")."""
     cuda = str(cfg.device).startswith("cuda")
     max_len = cfg.max_model_len or max_context
     if cfg.num_blocks:
@@ -39,7 +40,10 @@ def vllm_engine_args(cfg: EngineConfig, max_context: int, extra: dict | None = N
                 max_num_batched_tokens=cfg.max_num_batched_tokens, enable_chunked_prefill=cfg.enable_chunked_prefill,
                 enable_prefix_caching=cfg.enable_prefix_caching, block_size=cfg.block_size,
                 enforce_eager=cfg.enforce_eager, kv_cache_memory_bytes=int(cfg.kv_cache_memory_gb * 2 ** 30),
-                num_gpu_blocks_override=cfg.num_blocks, disable_log_stats=True)
+                num_gpu_blocks_override=cfg.num_blocks + 1 if cfg.num_blocks else None,   # + vLLM's null block
+                disable_log_stats=True)
+    if not cuda and args["dtype"] == "float32":
+        args["attention_backend"] = "CPU_MLA"   # vLLM's default on AMX machines (AMX_MLA) packs bf16 weights only
     if cfg.num_speculative_tokens:
         args["speculative_config"] = {"method": "mtp", "num_speculative_tokens": cfg.num_speculative_tokens}
     if cuda and not cfg.enforce_eager:

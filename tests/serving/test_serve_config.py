@@ -88,6 +88,6 @@ def test_engine_kind_and_vllm_limits_come_from_the_same_keys(tiny_ckpt_fp32):
     assert args["max_num_seqs"] == 8 and args["max_num_batched_tokens"] == 512
     assert args["enable_prefix_caching"] is False and args["dtype"] == "bfloat16"
     assert args["max_model_len"] == 256 * 16              # vLLM's cache must hold max_model_len: capped at the blocks
-    assert args["num_gpu_blocks_override"] == 256 and args["kv_cache_memory_bytes"] == 2 ** 29
+    assert args["num_gpu_blocks_override"] == 257 and args["kv_cache_memory_bytes"] == 2 ** 29
     assert args["speculative_config"] == {"method": "mtp", "num_speculative_tokens": 1}
     assert args["tensor_parallel_size"] == 1 and args["model"] == str(tiny_ckpt_fp32)
