@@ -2,10 +2,15 @@
 Ray's runtime_env) answers the official `openai` client with the same greedy completions as raymoe's engine on the
 same checkpoint (fp32 both sides), streamed and not; the serving issue's bad inputs get the same 4xx bodies from
 both; /metrics has the same names. One vLLM app for the session (`vllm_pair`); skipped, saying why, only when no
-vLLM environment exists (`make test` makes one)."""
+vLLM environment exists (`make test` makes one).
+
+One known difference, left out of the text comparison: when a completion ends inside a multi-byte UTF-8 character
+(random weights produce byte tokens), raymoe's detokenizer emits the pending bytes as U+FFFD at the finish, vLLM's
+drops them. The tokens (as the logprobs list them) are compared exactly."""
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -35,13 +40,18 @@ def completion(app, prompt: str, stream: bool) -> tuple[str, list[str], str | No
     return text, tokens, finish
 
 
+def same_text(r: tuple) -> tuple:
+    """(text without trailing U+FFFD, tokens, finish_reason): see the module's docstring."""
+    return (r[0].rstrip("\ufffd"), *r[1:])
+
+
 def chat(app, content: str, stream: bool) -> str:
     c = app.client()
     kw = dict(model=app.name, messages=[{"role": "user", "content": content}], max_tokens=TOKENS, temperature=0)
     if not stream:
-        return c.chat.completions.create(**kw).choices[0].message.content
+        return c.chat.completions.create(**kw).choices[0].message.content.rstrip("\ufffd")
     return "".join(ev.choices[0].delta.content or "" for ev in c.chat.completions.create(stream=True, **kw)
-                   if ev.choices)
+                   if ev.choices).rstrip("\ufffd")
 
 
 def test_same_greedy_completions_from_both_engines(vllm_pair):
@@ -51,11 +61,16 @@ def test_same_greedy_completions_from_both_engines(vllm_pair):
         assert len(want[1]) == TOKENS or want[2] == "stop", want
         for stream in (False, True):
             assert completion(raymoe, prompt, stream) == want, (prompt, stream)
-            assert completion(vllm, prompt, stream) == want, (prompt, stream)
+            assert same_text(completion(vllm, prompt, stream)) == same_text(want), (prompt, stream)
         want_chat = chat(raymoe, prompt, stream=False)
         assert want_chat
         for stream in (False, True):
             assert chat(vllm, prompt, stream) == want_chat, (prompt, stream)
+
+
+def unprefixed(r: httpx.Response, app) -> str:
+    """The error body without the app's route prefix (a 404 names the path asked for)."""
+    return r.text.replace(urlsplit(app.url).path, "")
 
 
 def test_bad_inputs_get_the_same_4xx_from_both_engines(vllm_pair):
@@ -66,7 +81,7 @@ def test_bad_inputs_get_the_same_4xx_from_both_engines(vllm_pair):
         if param is not None:
             assert err["param"] == param, (case, err)
         ours = send(raymoe.url, method, path, body)
-        assert (theirs.status_code, theirs.json()) == (ours.status_code, ours.json()), case
+        assert (theirs.status_code, unprefixed(theirs, vllm)) == (ours.status_code, unprefixed(ours, raymoe)), case
         valid_request_succeeds(vllm.url)
 
 
