@@ -54,7 +54,8 @@ def test_cli_refuses_bad_input_before_starting(tmp_path):
     bad.write_text("max_ongoing_requests: -1\n")
     for argv, needle in ([["--config", str(bad)], "max_ongoing_requests"],
                          [["--model", str(tmp_path)], "not a checkpoint directory"],
-                         [["--api-key-env", "RAYMOE_SURELY_UNSET_VAR"], "not set"]):
+                         [["--api-key-env", "RAYMOE_SURELY_UNSET_VAR"], "not set"],
+                         [["--engine", "tgi"], "--engine: expected raymoe or vllm"]):
         out = subprocess.run([str(exe), "serve", *argv], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
 
