@@ -66,6 +66,8 @@ def main() -> None:
     common = {"max_num_seqs": 64, "num_blocks": 2048, "block_size": 16}
     engines = {"raymoe": {**common, "cpu_compile": True, "cpu_threads": a.threads, "dtype": a.raymoe_dtype},
                "vllm": {**common, "kind": "vllm", "enforce_eager": a.vllm_eager, "dtype": a.vllm_dtype}}
+    if a.vllm_dtype == "bfloat16":             # vLLM's AMX MLA backend takes blocks of a multiple of 32 tokens only
+        engines["vllm"].update(block_size=32, num_blocks=1024)
     sets = {c: prompts(max(8, 2 * c), 700, seed=c) for c in conc}
 
     import ray
@@ -100,6 +102,10 @@ def main() -> None:
             serve.delete(name)
             print(f"[{name}] start {start_s:.0f} s, warm-up {results[name]['warmup_s']:.0f} s, load average "
                   f"{load0:.1f} -> {results[name]['load'][1]:.1f}", flush=True)
+            for c in conc:                     # printed now: a later engine's failure must not lose these
+                x = results[name][c]
+                print(f"[{name}] c={c} {x['tok_s']:.0f} tok/s, TTFT p50 {pct(x['ttft'], .5):.1f} ms, "
+                      f"p99 {pct(x['ttft'], .99):.1f} ms", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -112,9 +118,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for c in conc:
         if r is None or v is None:
-            x = (r or v)[c]
-            print(f"| {c} | {len(sets[c])} | {x['tok_s']:.0f} | p50 {pct(x['ttft'], .5):.1f} ms |")
-            continue
+            continue                           # one engine only: its lines above
         assert r[c]["tokens"] == v[c]["tokens"], (r[c]["tokens"], v[c]["tokens"])
         print(f"| {c} | {len(sets[c])} | {r[c]['tok_s']:.0f} | {v[c]['tok_s']:.0f} | "
               f"{r[c]['tok_s'] / v[c]['tok_s']:.2f} | {pct(r[c]['ttft'], .5):.1f} / {pct(v[c]['ttft'], .5):.1f} | "
