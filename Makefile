@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-slow serve install clean bench helm-bin
+.PHONY: test test-slow serve install clean bench helm-bin vllm-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,12 @@ serve: $(STAMP)
 helm-bin: $(PY)
 	$(PY) tools/get_helm.py
 
+# vLLM's CPU build with raymoe, in its own environment (.cache/vllm-venv): what `engine: vllm` replicas run in.
+vllm-env:
+	PYTHON=$(PYTHON) bash benchmarks/setup_vllm.sh
+
 # pytest exits 5 when it collects no test: that is a pass with nothing to run, not a failure.
-test: $(STAMP) helm-bin
+test: $(STAMP) helm-bin vllm-env
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 test-slow: $(STAMP)

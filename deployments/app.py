@@ -7,10 +7,13 @@
 
 With no `model`, the built-in tiny model is written once under the cache folder ($RAYMOE_CACHE, else
 $XDG_CACHE_HOME/raymoe, else ~/.cache/raymoe) and served. `api_key_env` names a variable read on the ingress's
-node (never copied into the app's config, which the dashboard shows). This module wires deployments only.
+node (never copied into the app's config, which the dashboard shows). With `engine.kind: vllm` the model deployment
+is VLLMServer, run by the Python of vLLM's environment when that is not this one (`vllm_runtime_env`). This module
+wires deployments only.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -21,10 +24,11 @@ from pydantic import ValidationError
 from ray.serve import Application
 
 from raymoe.deployments.adapters import FILES, AdapterRef, is_url
-from raymoe.deployments.config import ServeAppConfig, first_error
+from raymoe.deployments.config import ServeAppConfig, VLLMSettings, first_error
 from raymoe.deployments.ingress import OpenAIIngress
 from raymoe.deployments.metrics import MetricsCollector
 from raymoe.deployments.model import ModelServer
+from raymoe.deployments.vllm_model import VLLMServer
 from raymoe.platform.config import EngineConfig
 
 
@@ -34,15 +38,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raymoe"
 
 
-def tiny_model() -> Path:
-    """The built-in tiny checkpoint, written once (atomically: a half-written one is never served)."""
-    out = cache_dir() / "tiny"
+def tiny_model(preset: str = "tiny") -> Path:
+    """The built-in tiny checkpoint (preset `vllm` for the vLLM engine: MLA sizes its CPU backend runs), written once
+    (atomically: a half-written one is never served)."""
+    out = cache_dir() / ("tiny" if preset == "tiny" else f"tiny-{preset}")
     if (out / "config.json").is_file():
         return out
-    from raymoe.platform.checkpoint import write_tiny_checkpoint
+    from raymoe.platform.checkpoint import TinySpec, write_tiny_checkpoint
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="tiny-", dir=out.parent))
-    write_tiny_checkpoint(tmp)
+    write_tiny_checkpoint(tmp, TinySpec(preset=preset))
     try:
         tmp.rename(out)
     except OSError:                            # another process won the race: use theirs
@@ -60,13 +65,46 @@ def app_config(args: dict[str, Any] | ServeAppConfig) -> ServeAppConfig:
         except ValidationError as e:
             raise ValueError(f"invalid serve app args: {first_error(e)}") from None
     if cfg.model is None:
-        cfg = cfg.model_copy(update={"model": str(tiny_model()), "served_model_name": cfg.model_name})
+        preset = "vllm" if cfg.engine_kind == "vllm" else "tiny"
+        cfg = cfg.model_copy(update={"model": str(tiny_model(preset)), "served_model_name": cfg.model_name})
     elif not (Path(cfg.model) / "config.json").is_file():
         raise ValueError(f"model: {cfg.model} is not a checkpoint directory (no config.json)")
     for name, path in cfg.lora_modules.items():
         if not is_url(path) and not (Path(path) / FILES[0]).is_file():
             raise ValueError(f"lora_modules.{name}: {path} is not a PEFT adapter directory (no {FILES[0]})")
     return cfg
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]      # the repository root when raymoe is installed from a checkout
+
+
+def vllm_python(settings: VLLMSettings) -> str | None:
+    """The Python that runs vLLM replicas: engine.vllm.python, else $RAYMOE_VLLM_PYTHON, else None (this one) when it
+    can import vllm, else the checkout's .cache/vllm-venv (benchmarks/setup_vllm.sh). The path must exist on every
+    node that runs a replica; it is checked here, on the node that builds the app."""
+    py = settings.python or os.environ.get("RAYMOE_VLLM_PYTHON")
+    if py is None:
+        if importlib.util.find_spec("vllm") is not None:
+            return None
+        local = CHECKOUT / ".cache" / "vllm-venv" / "bin" / "python"
+        if not local.is_file():
+            raise ValueError("engine.kind vllm: no Python with vLLM found (set engine.vllm.python or "
+                             "RAYMOE_VLLM_PYTHON, `pip install raymoe[vllm]`, or run benchmarks/setup_vllm.sh)")
+        py = str(local)
+    if not Path(py).is_file():
+        raise ValueError(f"engine.vllm.python: {py} does not exist")
+    return py
+
+
+def vllm_runtime_env(cfg: ServeAppConfig) -> dict:
+    """The vLLM replicas' runtime_env: the app's own, plus `py_executable` of vLLM's environment when it is another
+    one (Ray starts the replica's worker with that Python; it needs the same ray and raymoe installed)."""
+    env = dict(cfg.runtime_env)
+    py = vllm_python(cfg.vllm_settings())
+    if py is not None:
+        env["py_executable"] = py
+    env["env_vars"] = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **env.get("env_vars", {})}
+    return env
 
 
 def _placement(engine: EngineConfig) -> dict:
@@ -98,17 +136,22 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
             **_placement(engine),
         )
         return fused.bind(cfg, None, metrics)
-    model = ModelServer.options(
+    vllm = cfg.engine_kind == "vllm"
+    server, model_env = (VLLMServer, {"runtime_env": vllm_runtime_env(cfg)}) if vllm else (ModelServer, env)
+    model = server.options(
         autoscaling_config=auto, max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},   # if one escapes the ingress
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **env},
-        **_placement(engine),
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **model_env},
+        **({} if vllm else _placement(engine)),
     )
     ingress = OpenAIIngress.options(
         num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=4 * (cfg.max_ongoing_requests * cfg.autoscaling.max_replicas + cfg.max_queued_requests),
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus, **env},
     )
-    preload = [AdapterRef(name=n, path=p) for n, p in cfg.lora_modules.items()]
-    return ingress.bind(cfg, model.bind(engine, metrics, cfg.metrics_interval_s, preload), metrics)
+    if vllm:
+        extra = (cfg.vllm_settings().engine_args, cfg.vllm_settings().env)
+    else:                                      # lora_modules: loaded by every replica before it takes requests
+        extra = ([AdapterRef(name=n, path=p) for n, p in cfg.lora_modules.items()],)
+    return ingress.bind(cfg, model.bind(engine, metrics, cfg.metrics_interval_s, *extra), metrics)

@@ -3,7 +3,9 @@
 It is what `build_app` receives (the `args` of a Serve config file, `serve run ... key=value`, or `raymoe serve`),
 validated once, with errors naming the key. The engine's own settings travel as one EngineConfig (the `engine` key
 holds its fields; `model` is filled in here), so new engine options (expert parallelism's, say) reach the replicas
-without this module changing. It never touches Ray.
+without this module changing. `engine.kind` picks the engine behind the same ingress: `raymoe` (the default) or
+`vllm` (vLLM's AsyncLLM, its limits mapped from the same EngineConfig fields; `engine.vllm` holds what only vLLM
+has); `engine: vllm` is short for `engine: {kind: vllm}`. It never touches Ray.
 """
 from __future__ import annotations
 
@@ -39,12 +41,28 @@ class AutoscalingSettings(BaseModel):
         return self
 
 
+EngineKind = Literal["raymoe", "vllm"]
+
+
+class VLLMSettings(BaseModel):
+    """What only the vLLM engine has. The shared limits (max_model_len, max_num_seqs, ...) stay EngineConfig's."""
+    model_config = ConfigDict(extra="forbid")
+
+    # the Python of an environment with vllm, ray and raymoe, when it is not the app's own (vLLM's pins conflict
+    # with the project's: see README); the replicas run there through Ray's runtime_env `py_executable`.
+    # None: $RAYMOE_VLLM_PYTHON, else this interpreter if it can import vllm, else .cache/vllm-venv of the checkout
+    python: str | None = None
+    engine_args: dict[str, Any] = Field(default_factory=dict)   # more vLLM AsyncEngineArgs (tensor_parallel_size...)
+    env: dict[str, str] = Field(default_factory=dict)           # VLLM_* variables of the replica (thread binding...)
+
+
 class ServeAppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None                   # checkpoint directory; None: the built-in tiny model (cached)
     served_model_name: str | None = None       # the `model` clients send; None: the directory's name
-    engine: dict[str, Any] = Field(default_factory=dict)   # EngineConfig fields except `model`
+    engine: dict[str, Any] = Field(default_factory=dict)   # EngineConfig fields except `model`, plus `kind`
+    #                                                        (raymoe | vllm) and `vllm` (VLLMSettings)
     ep: int = Field(1, ge=1)                   # expert shards per replica (1: experts in the replica's process);
     #                                            shard placement and transport: engine.parallel (ParallelConfig)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
@@ -73,8 +91,31 @@ class ServeAppConfig(BaseModel):
     max_cpu_loras: int = Field(16, ge=0)       # more kept in host memory per replica
     max_lora_rank: int = Field(64, ge=1)       # adapters of a higher rank are refused (400)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("engine"), str):
+            data = {**data, "engine": {"kind": data["engine"]}}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "ServeAppConfig":
+        if self.engine.get("kind", "raymoe") not in ("raymoe", "vllm"):
+            raise ValueError(f"engine.kind: expected raymoe or vllm, got {self.engine['kind']!r}")
+        if "vllm" in self.engine and self.engine_kind != "vllm":
+            raise ValueError("engine.vllm: only for engine.kind vllm")
+        try:
+            self.vllm_settings()
+        except ValidationError as e:
+            raise ValueError(f"engine.vllm.{first_error(e)}") from None
+        if self.engine_kind == "vllm" and (self.ep > 1 or (self.engine.get("parallel") or {}).get("num_shards")):
+            raise ValueError("ep: expert shards are raymoe's engine; engine.kind vllm runs plain replicas")
+        if self.engine_kind == "vllm" and self.ingress == "fused":
+            raise ValueError("ingress: fused runs raymoe's engine in the ingress replica; engine.kind vllm needs "
+                             "ingress: separate")
+        if self.engine_kind == "vllm" and (self.lora_root or self.lora_modules):
+            raise ValueError("lora_root / lora_modules: LoRA adapters are served by engine.kind raymoe; vLLM's LoRA "
+                             "support is not wired into the vllm engine yet")
         if "model" in self.engine:
             raise ValueError("engine.model: set the checkpoint with the top-level `model` key")
         for key in LORA_ENGINE_KEYS:
@@ -94,7 +135,7 @@ class ServeAppConfig(BaseModel):
     def engine_config(self) -> EngineConfig:
         """The replicas' EngineConfig. With expert shards (ep > 1, or engine.parallel.num_shards) the router's
         bundle (bundle 0 of the replica's placement group) is the replica's own num_cpus / num_gpus."""
-        engine = dict(self.engine)
+        engine = {k: v for k, v in self.engine.items() if k not in ("kind", "vllm")}
         par = dict(engine.get("parallel") or {})
         if self.ep > 1:
             if par.get("num_shards", self.ep) != self.ep:
@@ -104,6 +145,13 @@ class ServeAppConfig(BaseModel):
             engine["parallel"] = {"router_cpus": self.num_cpus, "router_gpus": self.num_gpus, **par}
         engine.update({k: getattr(self, k) for k in LORA_ENGINE_KEYS})
         return EngineConfig(model=self.model or "<tiny>", **engine)
+
+    @property
+    def engine_kind(self) -> EngineKind:
+        return self.engine.get("kind", "raymoe")
+
+    def vllm_settings(self) -> VLLMSettings:
+        return VLLMSettings.model_validate(self.engine.get("vllm") or {})
 
     @property
     def model_name(self) -> str:

@@ -60,6 +60,12 @@ def tiny_ckpt_fp32(ckpt_root) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ckpt_vllm(ckpt_root) -> Path:
+    """The `vllm` preset (kv_lora_rank 512, qk_rope_head_dim 64: MLA sizes vLLM's CPU backend runs), fp32."""
+    return _write(ckpt_root, "tiny_vllm32", preset="vllm", seed=2, dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt_fp8(ckpt_root) -> Path:
     return _write(ckpt_root, "tiny_fp8", seed=0, fp8=True)
 

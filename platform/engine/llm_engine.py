@@ -32,6 +32,24 @@ class RequestError(ValueError):
     """A request the engine refuses before doing any work (too long, bad ids, duplicate id...)."""
 
 
+def check_request(prompt_ids: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int,
+                  num_blocks: int | None, block_size: int, num_spec: int = 0) -> None:
+    """Refuse a request that can never run (empty, ids outside the vocabulary, longer than the context or the KV
+    cache), with the engine's wording. Every engine behind the serving app checks requests with this one function."""
+    if not prompt_ids:
+        raise RequestError("the prompt is empty")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    total = len(prompt_ids) + params.max_tokens
+    if total > max_model_len:
+        raise RequestError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is "
+                           f"{total} tokens, more than max_model_len ({max_model_len})")
+    if num_blocks is not None and -(-(total + num_spec) // block_size) > num_blocks:
+        raise RequestError(f"prompt plus max_tokens ({total} tokens) does not fit in the KV cache "
+                           f"({num_blocks} blocks of {block_size})")
+
+
 @dataclass
 class Delta:
     """What one sequence produced in one step."""
@@ -147,18 +165,8 @@ class LLMEngine:
         """Refuse, before any work, a request that can never run. Reads only immutable engine facts."""
         if params.adapter is not None:
             self.adapter_pool.key(params.adapter)        # AdapterNotFound for a name that is not loaded
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise RequestError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is "
-                               f"{total} tokens, more than max_model_len ({self.max_model_len})")
-        if self.blocks.blocks_needed(total + self.num_spec) > self.blocks.num_blocks:
-            raise RequestError(f"prompt plus max_tokens ({total} tokens) does not fit in the KV cache "
-                               f"({self.blocks.num_blocks} blocks of {self.cfg.block_size})")
+        check_request(prompt_ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                      num_blocks=self.blocks.num_blocks, block_size=self.cfg.block_size, num_spec=self.num_spec)
         if params.grammar is not None and self.tokenizer is None:
             raise RequestError("constrained decoding needs the model's tokenizer, and this engine has none")
 

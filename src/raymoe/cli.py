@@ -141,6 +141,8 @@ def serve(
     model: Optional[Path] = typer.Option(None, help="HF DeepSeek-V3 checkpoint directory (default: the built-in "
                                          "tiny model, written once under ~/.cache/raymoe/tiny)"),
     ep: Optional[int] = typer.Option(None, help="expert-parallel shards per replica"),
+    engine: Optional[str] = typer.Option(None, help="raymoe | vllm: the engine of the model replicas (vllm: vLLM's "
+                                         "AsyncLLM, from its own environment when vLLM is not installed here)"),
     host: str = typer.Option("127.0.0.1", help="address the HTTP proxy binds"),
     port: int = typer.Option(8000, help="HTTP port"),
     api_key_env: Optional[str] = typer.Option(None, help="env var holding the API key clients must send "
@@ -166,6 +168,11 @@ def serve(
                 args[key] = value
         if lora_modules:
             args["lora_modules"] = {**(args.get("lora_modules") or {}), **parse_lora_modules(lora_modules)}
+        if engine is not None:
+            if engine not in ("raymoe", "vllm"):
+                fail(f"--engine: expected raymoe or vllm, got {engine!r}")
+            given = args.get("engine")
+            args["engine"] = {**(given if isinstance(given, dict) else {}), "kind": engine}
         if api_key_env and not os.environ.get(api_key_env):
             fail(f"--api-key-env {api_key_env}: the variable is not set")
         serve_forever(args, host=host, port=port, address=address, route_prefix=prefix,

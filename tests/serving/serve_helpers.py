@@ -59,6 +59,21 @@ def deploy(serve_http: str, name: str, prefix: str, args: dict) -> Served:
     return Served(url=url, name=args.get("served_model_name", "tiny"), app=name)
 
 
+def wait_running(app: str, timeout_s: float) -> None:
+    """Block until Serve reports application `app` RUNNING (its replicas have started), or fail naming its state."""
+    from ray import serve
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            break
+        time.sleep(1)
+    raise AssertionError(f"application {app!r} is not running after {timeout_s:.0f} s: {status}")
+
+
 def assert_openai_error(r, status: int) -> dict:
     """The response is `status` with an OpenAI-format error body and no stack trace or validator dump."""
     assert r.status_code == status, (r.status_code, r.text[:500])

@@ -54,6 +54,41 @@ def test_cli_refuses_bad_input_before_starting(tmp_path):
     bad.write_text("max_ongoing_requests: -1\n")
     for argv, needle in ([["--config", str(bad)], "max_ongoing_requests"],
                          [["--model", str(tmp_path)], "not a checkpoint directory"],
-                         [["--api-key-env", "RAYMOE_SURELY_UNSET_VAR"], "not set"]):
+                         [["--api-key-env", "RAYMOE_SURELY_UNSET_VAR"], "not set"],
+                         [["--engine", "tgi"], "--engine: expected raymoe or vllm"]):
         out = subprocess.run([str(exe), "serve", *argv], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    ({"engine": "tensorrt"}, "engine.kind: expected raymoe or vllm"),
+    ({"engine": {"vllm": {"env": {}}}}, "engine.vllm: only for engine.kind vllm"),
+    ({"engine": {"kind": "vllm", "vllm": {"bogus": 1}}}, "engine.vllm.bogus"),
+    ({"engine": "vllm", "ep": 2}, "expert shards are raymoe's engine"),
+    ({"engine": {"kind": "vllm", "parallel": {"num_shards": 2}}}, "expert shards are raymoe's engine"),
+    ({"engine": {"kind": "vllm", "max_num_seqs": 0}}, "engine.max_num_seqs"),
+])
+def test_bad_engine_choice_names_the_key(args, needle, tiny_ckpt_fp32):
+    with pytest.raises(ValueError) as e:
+        app_config({"model": str(tiny_ckpt_fp32), **args})
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_engine_kind_and_vllm_limits_come_from_the_same_keys(tiny_ckpt_fp32):
+    from raymoe.deployments.vllm_model import vllm_engine_args
+    assert app_config({"model": str(tiny_ckpt_fp32)}).engine_kind == "raymoe"
+    short = app_config({"model": str(tiny_ckpt_fp32), "engine": "vllm"})
+    assert short.engine_kind == "vllm" and short.engine == {"kind": "vllm"}
+    engine = {"kind": "vllm", "max_model_len": 8192, "max_num_seqs": 8, "max_num_batched_tokens": 512,
+              "enable_prefix_caching": False, "num_speculative_tokens": 1, "num_blocks": 256, "dtype": "bfloat16",
+              "kv_cache_memory_gb": 0.5, "vllm": {"engine_args": {"tensor_parallel_size": 1}}}
+    cfg = app_config({"model": str(tiny_ckpt_fp32), "engine": engine})
+    ecfg = cfg.engine_config()                 # the kind and vLLM's own settings are not EngineConfig fields
+    assert ecfg.max_num_seqs == 8 and ecfg.max_model_len == 8192
+    args = vllm_engine_args(ecfg, 131072, cfg.vllm_settings().engine_args)
+    assert args["max_num_seqs"] == 8 and args["max_num_batched_tokens"] == 512
+    assert args["enable_prefix_caching"] is False and args["dtype"] == "bfloat16"
+    assert args["max_model_len"] == 256 * 16              # vLLM's cache must hold max_model_len: capped at the blocks
+    assert args["num_gpu_blocks_override"] == 257 and args["kv_cache_memory_bytes"] == 2 ** 29
+    assert args["speculative_config"] == {"method": "mtp", "num_speculative_tokens": 1}
+    assert args["tensor_parallel_size"] == 1 and args["model"] == str(tiny_ckpt_fp32)
