@@ -8,6 +8,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+import adapter_helpers
 import httpx
 
 TEST_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 0.5,
@@ -87,23 +88,9 @@ def assert_openai_error(r, status: int) -> dict:
     return err
 
 
-def make_adapter(base, out, targets=("all",), rank: int = 4, seed: int = 0, std: float = 0.2):
-    """A real PEFT adapter for the checkpoint `base` (finetune's own LoRA set-up and save), with random factors so
-    that it changes the model's answers (a fresh adapter has B = 0)."""
-    import torch
-
-    from raymoe.finetune.config import LoraConfigSpec
-    from raymoe.finetune.lora import apply_lora, plan_lora, save_adapter
-    from raymoe.platform.model import from_pretrained
-    spec = LoraConfigSpec(rank=rank, alpha=2 * rank, targets=list(targets))
-    model = from_pretrained(base, dtype=torch.float32)
-    pm = apply_lora(model, spec, plan_lora(model, spec), seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return save_adapter(pm, out, str(base))
+def make_adapter(base, out, targets=("all",), rank: int = 4, seed: int = 0):
+    """The shared test adapter (adapter_helpers), with factors large enough to change the tiny model's answers."""
+    return adapter_helpers.make_adapter(base, out, targets, rank, seed=seed, std=0.2)
 
 
 async def _stream(client: httpx.AsyncClient, url: str, headers: dict) -> tuple[int, float, str | None, int, str]:
