@@ -69,7 +69,7 @@ def engine(model, ckpt: str, device: str, compiled: bool, blocks: int, max_len: 
     from raymoe.platform.engine import LLMEngine
     return LLMEngine(EngineConfig(model=ckpt, device=device, block_size=16, num_blocks=blocks, max_model_len=max_len,
                                   max_num_seqs=CONCURRENCY, enable_prefix_caching=False, cpu_compile=compiled,
-                                  cuda_graph_sizes=[4, 8, 16, 32], max_num_batched_tokens=8192,
+                                  cuda_graph_sizes=[4, 8, 16, 32], max_num_batched_tokens=2048,
                                   max_loras=max_loras, max_lora_rank=RANK), model=model)
 
 

@@ -124,7 +124,8 @@ class ExpertLora:
     """A LoRA update of one stacked expert weight, kept factored: W_e + scale * b[e] @ a[e] for held expert e.
     a: [E, r, in], b: [E, out, r] (views of the trainer's parameters: gradients flow back through them).
     With `slots` ([N] long, the adapter slot of each token, -1: none) the factors stack S adapters, adapter-major:
-    a [S * E, r, in], b [S * E, out, r]; token n's rows on expert e use a[slots[n] * E + e] (per-row LoRA)."""
+    a [S * E, r, in], b [S * E, out, r] with the scale folded into b (`scale` is then 1); token n's rows on
+    expert e use a[slots[n] * E + e] (per-row LoRA, platform.model.multi_lora)."""
     a: torch.Tensor
     b: torch.Tensor
     scale: float

@@ -45,7 +45,8 @@ class Segments:
     def mm(self, xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """xs @ w[g] for the rows of each group g. xs: [M, in] sorted; w: [count, in, out] -> [M, out] sorted, with
         undefined values on rows of no group (mask with `held`)."""
-        if _grouped_ok(xs, w):
+        if (xs.is_cuda or not torch.compiler.is_compiling()) and _grouped_ok(xs, w):
+            # (torch.compile on the CPU: some torch versions trace the grouped GEMM as bf16-only)
             return torch._grouped_mm(xs, w, offs=self.offs)
         g = self.key.clamp(max=self.count - 1)                       # a gathered product per row (any device, dtype)
         return torch.bmm(xs[:, None, :], w.index_select(0, g)).squeeze(1)
@@ -70,8 +71,8 @@ def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     weight strides 16-byte aligned."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
         return False
-    if x.is_cuda:
-        ok = x.dtype == torch.bfloat16
+    if x.is_cuda:                       # (the CUDA kernel takes at most 1024 groups: more gather per row)
+        ok = x.dtype == torch.bfloat16 and w.shape[0] < 1024
     else:
         ok = x.device.type == "cpu" and _cpu_grouped_mm(x.dtype)
     align = 16 // x.element_size()
