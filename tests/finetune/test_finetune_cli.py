@@ -61,7 +61,7 @@ def test_ray_job_submit_produces_the_adapter(ray_head, tiny32, tmp_path):
         capture_output=True, text=True, cwd=REPO, env=_env(), timeout=180)
     assert sub.returncode == 0, sub.stdout + sub.stderr
     client = JobSubmissionClient(ray_head)
-    deadline = time.time() + 240
+    deadline = time.time() + 600           # a 2-core machine shared with other work takes minutes
     status = client.get_job_status("raymoe-ft-cli-test")
     while not status.is_terminal():
         assert time.time() < deadline, "job did not finish"
