@@ -30,6 +30,7 @@ CASES = {
     "emptydir-object-store": ([], ["storage.type=emptyDir", "model.source=s3://weights/DeepSeek-V3",
                                    "model.sourceSecret=s3-creds", "apiKey.enabled=true",
                                    "apiKey.existingSecret=my-key", "serve.routePrefix=/llm"], []),
+    "vllm": ([], ["serve.engine.kind=vllm"], ['serve.engine.vllm={"engine_args": {"enforce_eager": true}}']),
 }
 RAY_KINDS = {"RayService", "RayJob"}
 CORE_KINDS = {"PersistentVolumeClaim", "Secret", "ConfigMap", "NetworkPolicy", "Ingress"}
@@ -183,8 +184,10 @@ def serve_config(objs) -> dict:
     return yaml.safe_load(rs["spec"]["serveConfigV2"])
 
 
-def test_serve_config_is_a_serve_deploy_config_that_builds_the_app(case, write_ckpt):
+def test_serve_config_is_a_serve_deploy_config_that_builds_the_app(case, write_ckpt, monkeypatch):
     """serveConfigV2 passes Ray Serve's own schema, names raymoe's builder, and its args build the application."""
+    import sys
+
     from ray.serve import Application
     from ray.serve._private.utils import validate_route_prefix
     from ray.serve.schema import ServeDeploySchema
@@ -201,6 +204,8 @@ def test_serve_config_is_a_serve_deploy_config_that_builds_the_app(case, write_c
     ckpt = write_ckpt("helm-tiny", dtype="float32")          # the pods' model.path does not exist here
     assert args["model"].startswith("/")
     args["model"] = str(ckpt)
+    if args["engine"].get("kind") == "vllm":      # the image's Python with vLLM: a Python that exists, here
+        monkeypatch.setenv("RAYMOE_VLLM_PYTHON", sys.executable)
     assert isinstance(build_app(args), Application)
 
 
@@ -221,6 +226,37 @@ def test_serve_args_follow_values(render):
     # no expert parallelism asked: no `parallel` key, and no API key
     [app] = serve_config(render())["applications"]
     assert "parallel" not in app["args"]["engine"] and "api_key_env" not in app["args"]
+
+
+LORA_ARGS = {"lora_root", "lora_modules", "max_loras", "max_cpu_loras", "max_lora_rank"}
+
+
+def test_engine_kind_vllm(render):
+    """serve.engine.kind vllm renders engine.kind vllm (and engine.vllm), no expert-parallel or LoRA args, and the
+    args validate as ServeAppConfig; the default (raymoe) renders neither kind nor vllm, and LoRA as before."""
+    from raymoe.deployments.config import ServeAppConfig
+    [app] = serve_config(render(sets=["serve.engine.kind=vllm"],
+                                set_json=['serve.engine.vllm={"python": "/opt/vllm/bin/python", '
+                                          '"engine_args": {"tensor_parallel_size": 1}}']))["applications"]
+    args = app["args"]
+    cfg = ServeAppConfig.model_validate(args)
+    assert cfg.engine_kind == "vllm"
+    assert cfg.vllm_settings().python == "/opt/vllm/bin/python"
+    assert cfg.vllm_settings().engine_args == {"tensor_parallel_size": 1}
+    assert args["engine"] == {"kind": "vllm", "device": "cuda", "dtype": "bfloat16", "kv_cache_memory_gb": 20,
+                              "vllm": {"python": "/opt/vllm/bin/python", "engine_args": {"tensor_parallel_size": 1}}}
+    assert not LORA_ARGS & set(args)                       # serve.lora.enabled (the default) is not rendered
+    # no vllm settings given: no engine.vllm key
+    [app] = serve_config(render(sets=["serve.engine.kind=vllm"]))["applications"]
+    assert app["args"]["engine"] == {"kind": "vllm", "device": "cuda", "dtype": "bfloat16", "kv_cache_memory_gb": 20}
+    assert ServeAppConfig.model_validate(app["args"]).engine_kind == "vllm"
+    # the default: raymoe, rendered as before (no kind key), with serve.lora's args
+    [app] = serve_config(render())["applications"]
+    assert app["args"]["engine"] == {"device": "cuda", "dtype": "bfloat16", "kv_cache_memory_gb": 20}
+    assert LORA_ARGS - {"lora_modules"} <= set(app["args"])
+    assert ServeAppConfig.model_validate(app["args"]).engine_kind == "raymoe"
+    [app] = serve_config(render(sets=["serve.engine.kind=raymoe"]))["applications"]
+    assert "kind" not in app["args"]["engine"]
 
 
 def test_model_volume_and_init_check(case):
@@ -309,8 +345,9 @@ def test_network_policy_and_ingress(render):
 
 
 @pytest.mark.parametrize("sets", [[], ["apiKey.enabled=true", "apiKey.existingSecret=k", "ingress.enabled=true",
-                                       "ingress.hosts[0]=llm.example.com"], ["finetune.enabled=true"]],
-                         ids=["defaults", "api-key+ingress", "finetune"])
+                                       "ingress.hosts[0]=llm.example.com"], ["finetune.enabled=true"],
+                                  ["serve.engine.kind=vllm"]],
+                         ids=["defaults", "api-key+ingress", "finetune", "vllm"])
 def test_notes(run_helm, tmp_path, sets):
     """NOTES.txt renders (helm template never shows it, so it is rendered here through tpl in a copy of the chart)
     and names the Service, the Secret and the finetune commands that exist."""
@@ -329,6 +366,7 @@ def test_notes(run_helm, tmp_path, sets):
         assert "kubectl -n ml get rayjob rm-raymoe-ft-my-adapter -w" in notes
     else:
         assert "--show-only templates/finetune-rayjob.yaml" in notes
+    assert ('"model": "<name>"' in notes) == ("serve.engine.kind=vllm" not in sets)   # vllm serves no adapters
 
 
 def test_kube_version_floor(run_helm):

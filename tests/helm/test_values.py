@@ -45,6 +45,18 @@ BAD = {
                                                  "finetune.name=quarterly-legal-review"],
                                            "is longer than KubeRay's 47 characters"),
     "chart-owned job key": ([], ["finetune.job.output_dir=/tmp/x"], "at '/finetune/job'"),
+    "unknown engine kind": ([], ["serve.engine.kind=sglang"],
+                            "at '/serve/engine/kind': value must be one of 'raymoe', 'vllm'"),
+    "vllm with expert shards": ([], ["serve.engine.kind=vllm", "serve.expertParallel.numShards=2",
+                                     "gpuWorkers.gpus=3"],
+                                "serve.engine.kind vllm runs plain model replicas: set serve.expertParallel.numShards "
+                                "(2) to 0"),
+    "vllm with LoRA modules": ([], ["serve.engine.kind=vllm", "serve.lora.modules.legal=/models/adapters/legal"],
+                               "serve.lora.modules needs serve.engine.kind raymoe"),
+    "vllm settings without vllm": ([], ["serve.engine.vllm.python=/opt/vllm/bin/python"],
+                                   "serve.engine.vllm is for serve.engine.kind vllm only"),
+    "unknown vllm setting": ([], ["serve.engine.kind=vllm", "serve.engine.vllm.engine_arg.x=1"],
+                             "at '/serve/engine/vllm': additional properties 'engine_arg' not allowed"),
 }
 
 
@@ -104,11 +116,19 @@ def test_every_schema_property_is_in_values_yaml():
 
 def test_engine_schema_matches_engine_config():
     """serve.engine is closed in the schema (a typo fails at install, not on a replica later), so it must list
-    exactly EngineConfig's fields; `model`, `parallel` and the LoRA sizes (serve.lora) are set by the chart."""
-    from raymoe.deployments.config import LORA_ENGINE_KEYS
+    exactly EngineConfig's fields; `model`, `parallel` and the LoRA sizes (serve.lora) are set by the chart. Beside
+    them exactly the two keys ServeAppConfig's `engine` adds: `kind` (its EngineKind values) and `vllm`
+    (VLLMSettings' fields)."""
+    import typing
+
+    from raymoe.deployments.config import LORA_ENGINE_KEYS, EngineKind, VLLMSettings
     from raymoe.platform.config import EngineConfig
-    assert set(SCHEMA["properties"]["serve"]["properties"]["engine"]["properties"]) == \
+    engine = SCHEMA["properties"]["serve"]["properties"]["engine"]["properties"]
+    assert set(engine) - {"kind", "vllm"} == \
         set(EngineConfig.model_fields) - {"model", "parallel", *LORA_ENGINE_KEYS}      # LoRA's: serve.lora
+    assert not {"kind", "vllm"} & set(EngineConfig.model_fields)
+    assert set(engine["kind"]["enum"]) == set(typing.get_args(EngineKind))
+    assert set(engine["vllm"]["properties"]) == set(VLLMSettings.model_fields)
     from raymoe.platform.config import ParallelConfig
     ep = SCHEMA["properties"]["serve"]["properties"]["expertParallel"]["properties"]
     assert set(ep["transport"]["enum"]) == {"local", "ray", "collective"}

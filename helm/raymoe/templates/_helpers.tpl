@@ -82,6 +82,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 {{- $ep := .Values.serve.expertParallel }}
+{{- $engine := .Values.serve.engine }}
+{{- if eq (default "raymoe" $engine.kind) "vllm" }}
+{{- if gt (int $ep.numShards) 0 }}
+{{- fail (printf "values: serve.engine.kind vllm runs plain model replicas: set serve.expertParallel.numShards (%d) to 0 (expert shards are raymoe's engine)" (int $ep.numShards)) }}
+{{- end }}
+{{- if .Values.serve.lora.modules }}
+{{- fail "values: serve.lora.modules needs serve.engine.kind raymoe: the vllm engine serves no LoRA adapters" }}
+{{- end }}
+{{- else if $engine.vllm }}
+{{- fail "values: serve.engine.vllm is for serve.engine.kind vllm only" }}
+{{- end }}
 {{- $perReplica := addf .Values.serve.numGpus (mulf (int $ep.numShards) $ep.gpusPerShard) }}
 {{- $gw := .Values.gpuWorkers }}
 {{- if and (gt $perReplica 0.0) (not $gw.enabled) }}
@@ -109,14 +120,19 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with .Values.model.servedName }}{{ $_ := set $args "served_model_name" . }}{{ end }}
 {{- if .Values.apiKey.enabled }}{{ $_ := set $args "api_key_env" "RAYMOE_API_KEY" }}{{ end }}
 {{- $_ := set $args "autoscaling" (dict "min_replicas" $a.minReplicas "max_replicas" $a.maxReplicas "target_ongoing_requests" $a.targetOngoingRequests "upscale_delay_s" $a.upscaleDelayS "downscale_delay_s" $a.downscaleDelayS) }}
-{{- $engine := deepCopy $s.engine }}
+{{- $vllm := eq (default "raymoe" $s.engine.kind) "vllm" }}
+{{- $engine := omit $s.engine "kind" "vllm" | deepCopy }}
+{{- if $vllm }}
+{{- $_ := set $engine "kind" "vllm" }}
+{{- with $s.engine.vllm }}{{ $_ := set $engine "vllm" . }}{{ end }}
+{{- end }}
 {{- $ep := $s.expertParallel }}
-{{- if gt (int $ep.numShards) 0 }}
+{{- if and (not $vllm) (gt (int $ep.numShards) 0) }}
 {{- $_ := set $engine "parallel" (dict "num_shards" $ep.numShards "transport" $ep.transport "cpus_per_shard" $ep.cpusPerShard "gpus_per_shard" $ep.gpusPerShard "placement_strategy" $ep.placementStrategy) }}
 {{- end }}
 {{- $_ := set $args "engine" $engine }}
 {{- $lora := $s.lora }}
-{{- if $lora.enabled }}
+{{- if and $lora.enabled (not $vllm) }}
 {{- $_ := set $args "lora_root" .Values.adapters.root }}
 {{- $_ := set $args "max_loras" $lora.maxLoras }}
 {{- $_ := set $args "max_cpu_loras" $lora.maxCpuLoras }}
