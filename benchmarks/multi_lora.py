@@ -64,11 +64,13 @@ def write_random_adapter(model, path: Path, rank: int, seed: int, std: float = 0
     return path
 
 
-def engine(model, ckpt: str, device: str, compiled: bool, blocks: int, max_len: int, max_loras: int):
+def engine(model, ckpt: str, device: str, compiled: bool, blocks: int, max_len: int, max_loras: int,
+           eager: bool = False):
     from raymoe.platform.config import EngineConfig
     from raymoe.platform.engine import LLMEngine
     return LLMEngine(EngineConfig(model=ckpt, device=device, block_size=16, num_blocks=blocks, max_model_len=max_len,
                                   max_num_seqs=CONCURRENCY, enable_prefix_caching=False, cpu_compile=compiled,
+                                  enforce_eager=eager,
                                   cuda_graph_sizes=[4, 8, 16, 32], max_num_batched_tokens=2048,
                                   max_loras=max_loras, max_lora_rank=RANK), model=model)
 
@@ -117,6 +119,25 @@ def old_way(eng, prompts, paths, tokens: int, device: str) -> tuple[float, float
     return statistics.median(steps), time.perf_counter() - t0
 
 
+def profile(model, ckpt, a, blocks, max_len, prompts, names, paths) -> None:
+    """Where a decode step's time goes: the profiler's table of an eager engine's decode steps, base and multi-LoRA
+    (eager, so each kernel shows; CUDA graphs remove launch gaps, not kernel time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    eng = engine(model, ckpt, a.device, False, blocks, max_len, N_ADAPTERS, eager=True)
+    for name, path in zip(sorted(set(names)), paths):
+        eng.load_adapter(name, path)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.startswith("cuda") else [])
+    for mode, ads in (("base model alone", [None] * CONCURRENCY), ("multi-LoRA, 8 adapters", names)):
+        run(eng, prompts, ads, 4, a.device)
+        step, _ = run(eng, prompts, ads, 8, a.device)
+        with torch_profile(activities=acts) as prof:
+            run(eng, prompts, ads, 8, a.device)
+        key = "self_cuda_time_total" if a.device.startswith("cuda") else "self_cpu_time_total"
+        print(f"\n## {mode}: eager median decode step {step * 1e3:.2f} ms (profiled run: prefill + 8 steps)")
+        print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+
+
 def build_cpu(root: Path):
     from raymoe.platform.checkpoint import TinySpec, write_tiny_checkpoint
     from raymoe.platform.model import from_pretrained
@@ -138,6 +159,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="instead: kernel tables of eager base and multi-LoRA steps")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -154,6 +176,8 @@ def main() -> None:
     blocks = CONCURRENCY * -(-max_len // 16) + 8
     rows = {}
 
+    if a.profile:
+        return profile(model, ckpt, a, blocks, max_len, prompts, names, paths)
     # base model alone and multi-LoRA: one engine (the best mode: cpu_compile / CUDA graphs), warmed up first
     eng = engine(model, ckpt, a.device, not cuda, blocks, max_len, N_ADAPTERS)
     for name, path in zip(sorted(set(names)), paths):

@@ -68,6 +68,8 @@ def main() -> None:
                "vllm": {**common, "kind": "vllm", "enforce_eager": a.vllm_eager, "dtype": a.vllm_dtype}}
     if a.vllm_dtype == "bfloat16":             # vLLM's AMX MLA backend takes blocks of a multiple of 32 tokens only
         engines["vllm"].update(block_size=32, num_blocks=1024)
+    # vLLM checks its KV memory budget against max_model_len (= the blocks' tokens, 32K) before it takes num_blocks
+    engines["vllm"]["kv_cache_memory_gb"] = 0.5
     sets = {c: prompts(max(8, 2 * c), 700, seed=c) for c in conc}
 
     import ray

@@ -64,7 +64,7 @@ def test_cuda_graph_mtp_steps_equal_eager(tiny_ckpt, k):
     """With MTP, verification (q = k + 1) and drafting steps replay graphs too; tokens equal the eager engine's."""
     eager, graphs = _eager_and_graphs(tiny_ckpt, prompts(13, (5, 19, 33, 8, 12)), k)
     assert eager[0] == graphs[0]
-    kinds = {(mtp, q) for mtp, q, _, _ in graphs[1].runner.graphs.graphs}
+    kinds = {(key[0], key[1]) for key in graphs[1].runner.graphs.graphs}     # key: (mtp, q, B, W, lora)
     assert (False, k + 1) in kinds and (True, k + 1) in kinds, kinds
 
 
