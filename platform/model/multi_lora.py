@@ -47,27 +47,9 @@ class Segments:
         undefined values on rows of no group (mask with `held`)."""
         if (xs.is_cuda or not torch.compiler.is_compiling()) and _grouped_ok(xs, w):
             # (torch.compile on the CPU: some torch versions trace the grouped GEMM as bf16-only)
-            limit = group_limit(xs)
-            if self.count <= limit:
-                return torch._grouped_mm(xs, w, offs=self.offs)
-            return self._chunked_mm(xs, w, limit)
+            return torch._grouped_mm(xs, w, offs=self.offs)
         g = self.key.clamp(max=self.count - 1)                       # a gathered product per row (any device, dtype)
         return torch.bmm(xs[:, None, :], w.index_select(0, g)).squeeze(1)
-
-    def _chunked_mm(self, xs: torch.Tensor, w: torch.Tensor, limit: int) -> torch.Tensor:
-        """`mm` for more groups than one grouped GEMM takes: one grouped GEMM per chunk of at most `limit` groups, each
-        over the rows up to its last group's end (its first group absorbs the earlier rows, whose results are
-        dropped); each row keeps its own chunk's result. No host sync, so CUDA graphs capture it."""
-        # xs: [M, in] sorted; w: [count, in, out] -> [M, out]
-        n = -(-self.count // limit)
-        size = -(-self.count // n)
-        chunk = (self.key // size)[:, None]                                             # [M, 1]; none: past the last
-        out = xs.new_zeros(xs.shape[0], w.shape[2])
-        for c in range(n):
-            g0, g1 = c * size, min((c + 1) * size, self.count)
-            part = torch._grouped_mm(xs, w[g0:g1], offs=self.offs[g0:g1])             # [M, out], valid on chunk c
-            out = torch.where(chunk == c, part, out)
-        return out
 
     def lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The factored update of each row: (x a_g^T) b_g^T, zero on rows of no group; rows in x's order.
@@ -84,21 +66,13 @@ class Segments:
         return torch.empty_like(ys).index_copy_(0, self.order, ys)
 
 
-CUDA_MAX_GROUPS = 1023     # torch's CUDA grouped GEMM takes fewer than 1024 groups
-
-
-def group_limit(x: torch.Tensor) -> int:
-    """The most groups one grouped GEMM on x's device takes (more run in chunks, `Segments._chunked_mm`)."""
-    return CUDA_MAX_GROUPS if x.is_cuda else 1 << 30
-
-
 def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch's grouped GEMM serves x @ w[g]: CUDA bf16, or the CPU where it has the kernel for the dtype; rows and
     weight strides 16-byte aligned."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
         return False
-    if x.is_cuda:
-        ok = x.dtype == torch.bfloat16
+    if x.is_cuda:                       # (the CUDA kernel takes at most 1024 groups: more gather per row)
+        ok = x.dtype == torch.bfloat16 and w.shape[0] < 1024
     else:
         ok = x.device.type == "cpu" and _cpu_grouped_mm(x.dtype)
     align = 16 // x.element_size()

@@ -215,29 +215,3 @@ def test_cuda_graphs_serve_mixed_adapters(tiny_ckpt_fp32, adapters):
     assert runs[False] == runs[True]
     assert len({tuple(t) for t in runs[True][1:]}) == len(names)
 
-
-@pytest.mark.parametrize("count", [8, 2048])
-def test_groups_past_one_grouped_gemm_run_in_chunks(monkeypatch, count):
-    """More (adapter, expert) groups than one grouped GEMM takes (CUDA: fewer than 1024) run as chunks of groups;
-    each row gets its own group's product, as the per-row gathered product gives it."""
-    from raymoe.platform.model import multi_lora
-    from raymoe.platform.model.moe import _cpu_grouped_mm
-    device = torch.device(DEVICE)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu":
-        if not _cpu_grouped_mm(dtype):
-            pytest.skip("this torch has no CPU grouped GEMM")
-        monkeypatch.setattr(multi_lora, "group_limit", lambda x: 3 if count == 8 else 1000)
-    g = torch.Generator().manual_seed(0)
-    M = 300
-    key = torch.randint(0, count, (M,), generator=g)
-    key[::7] = count                                                                # no group (the base model)
-    key = key.to(device)
-    seg = multi_lora.Segments(key, count)
-    xs = torch.randn(M, 32, generator=g).to(device, dtype)
-    w = torch.randn(count, 32, 16, generator=g).to(device, dtype)
-    got = seg.mm(xs, w)
-    want = torch.bmm(xs[:, None, :].float(), w.float().index_select(0, seg.key.clamp(max=count - 1))).squeeze(1)
-    held = seg.held.expand_as(want)
-    assert held.any() and (~held).any()
-    torch.testing.assert_close(got.float()[held], want[held], rtol=2e-2, atol=2e-2)
