@@ -63,13 +63,12 @@ def main() -> None:
     from raymoe.platform.checkpoint import TinySpec, write_tiny_checkpoint
     model = a.model or str(write_tiny_checkpoint(tempfile.mkdtemp(prefix="serve-engines-"),
                                                  TinySpec(preset="vllm", seed=1, dtype="bfloat16")))
-    common = {"max_num_seqs": 64, "num_blocks": 2048, "block_size": 16}
+    # max_model_len: vLLM checks that its KV blocks hold one request of max_model_len (else the blocks' tokens)
+    common = {"max_num_seqs": 64, "num_blocks": 2048, "block_size": 16, "max_model_len": 4096}
     engines = {"raymoe": {**common, "cpu_compile": True, "cpu_threads": a.threads, "dtype": a.raymoe_dtype},
                "vllm": {**common, "kind": "vllm", "enforce_eager": a.vllm_eager, "dtype": a.vllm_dtype}}
     if a.vllm_dtype == "bfloat16":             # vLLM's AMX MLA backend takes blocks of a multiple of 32 tokens only
         engines["vllm"].update(block_size=32, num_blocks=1024)
-    # vLLM checks its KV memory budget against max_model_len (= the blocks' tokens, 32K) before it takes num_blocks
-    engines["vllm"]["kv_cache_memory_gb"] = 0.5
     sets = {c: prompts(max(8, 2 * c), 700, seed=c) for c in conc}
 
     import ray
