@@ -4,9 +4,8 @@ GPU 0 is the router: embeddings, every layer's MLA attention, the dense layers, 
 them), the shared experts, the LM head and the MTP layer, all in bf16, plus the latent KV cache of `seqs` sequences
 of `context` tokens ((kv_lora_rank + qk_rope_head_dim) x 2 bytes per token per cache layer; the MTP layer has its
 own cache layer, as the engine allocates), plus on every GPU a fixed reserve for activations, CUDA context
-and graphs. The other
-GPUs are expert shards; each holds at most ceil(n_routed_experts / shards) experts of every MoE layer, the MTP
-layer's included (the placement plan covers `model.moe_layers()`, MTP too).
+and graphs. The other GPUs are expert shards; each holds at most ceil(n_routed_experts / shards) experts of
+every MoE layer, the MTP layer's included (the placement plan covers `model.moe_layers()`, MTP too).
 
 Routed experts are counted as FP8 (1 byte per parameter + one fp32 scale per 128x128 block, the release's format)
 or bf16. Honest caveat: raymoe does not hold FP8 weights today; the loader dequantises them to bf16 (issue 12), so
