@@ -6,11 +6,16 @@ mapped, and only the routed experts of `experts_range` are read (an expert-paral
 of other experts). Routed experts may be stored per expert (the release) or fused (transformers'
 `save_original_format=False`). A checkpoint with no MTP tensors at all (transformers' `save_pretrained`) loads
 without MTP; anything else missing or mis-shaped raises `CheckpointError` naming the tensor.
+
+`load_format="dummy"` reads config.json only (no safetensors file is opened, none need exist) and fills the
+model with random weights of the real shapes and dtypes, made directly on the target device by the tiny
+checkpoints' init rule (`tiny.random_init`): for memory, speed and plumbing runs of full-size models.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -21,6 +26,7 @@ from raymoe.platform.config import ModelConfig
 from raymoe.platform.model.decoder import DeepseekV3ForCausalLM
 
 log = logging.getLogger(__name__)
+LoadFormat = Literal["auto", "dummy"]
 _WARNED_NO_MTP: set[Path] = set()  # checkpoints already warned about in this process
 
 
@@ -41,10 +47,11 @@ def _read(reader: SafetensorsReader, key: str, shape: tuple[int, ...], dtype: to
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               experts_range: tuple[int, int] | None = None, config: ModelConfig | None = None
-               ) -> DeepseekV3ForCausalLM:
+               experts_range: tuple[int, int] | None = None, config: ModelConfig | None = None,
+               load_format: LoadFormat = "auto", seed: int = 0) -> DeepseekV3ForCausalLM:
     """Load the checkpoint at `path`. `experts_range=(a, b)` loads routed experts a..b-1 of every MoE layer only;
-    (0, 0) loads none (the router of an expert-parallel model, whose experts live on shards)."""
+    (0, 0) loads none (the router of an expert-parallel model, whose experts live on shards). `load_format="dummy"`:
+    config.json only, random weights from `seed` (see the module docstring)."""
     if not Path(path).is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     cfg = config or ModelConfig.from_pretrained(path)
@@ -52,6 +59,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         a, b = experts_range
         if not 0 <= a <= b <= cfg.n_routed_experts:   # a == b: no routed experts (an expert-parallel router)
             raise ValueError(f"experts_range {experts_range} is outside 0..{cfg.n_routed_experts}")
+    if load_format == "dummy":
+        return _dummy_model(cfg, dtype, device, experts_range, seed)
+    if load_format != "auto":
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     reader = SafetensorsReader(path)
     cfg = _without_absent_mtp(reader, cfg)
     block = tuple(cfg.quantization_config.weight_block_size) if cfg.quantization_config else (128, 128)
@@ -88,6 +99,19 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
                 consumed.update(keys)
     _check_leftovers(reader, consumed, cfg)
     reader.close()
+    model.eval()
+    return model
+
+
+def _dummy_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device,
+                 experts_range: tuple[int, int] | None, seed: int) -> DeepseekV3ForCausalLM:
+    """The model of `cfg` with random weights, allocated once on `device` (never materialised on the host)."""
+    from raymoe.platform.checkpoint.tiny import random_init
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg, experts_range)
+    model.to_empty(device=device)
+    model.to(dtype)  # the gates keep fp32 (Gate._apply)
+    random_init(model, seed)
     model.eval()
     return model
 

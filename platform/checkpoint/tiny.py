@@ -56,17 +56,23 @@ class TinySpec(BaseModel):
 
 @torch.no_grad()
 def random_init(model: DeepseekV3ForCausalLM, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+    """Fill every parameter (and the gates' correction bias) in place, on the model's device and in its dtypes.
+
+    The generator lives on that device, so nothing is built on the host: the same rule initialises a tiny
+    checkpoint (CPU, fp32: the bytes `write_tiny_checkpoint` always wrote) and a full-size `load_format: dummy`
+    model straight on a GPU (bf16). The same seed gives the same weights on the same device and dtype only.
+    """
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() == 1:                                              # norm weights: around 1
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            p.normal_(generator=g).mul_(0.1).add_(1.0)
         elif name.endswith("embed_tokens.weight"):
-            p.copy_(torch.randn(p.shape, generator=g))
+            p.normal_(generator=g)
         else:                                                         # [out, in] or stacked [E, out, in]
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            p.normal_(generator=g).div_(math.sqrt(p.shape[-1]))
     for mod in model.moe_layers():
-        b = mod.gate.e_score_correction_bias
-        b.copy_(0.05 * torch.randn(b.shape, generator=g))
+        b = mod.gate.e_score_correction_bias                          # [E] fp32
+        b.normal_(generator=g).mul_(0.05)
 
 
 def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> Path:

@@ -92,7 +92,8 @@ class LLMEngine:
             torch.set_num_threads(cfg.cpu_threads)
         sharded = cfg.parallel.num_shards > 0
         self.model = model if model is not None else from_pretrained(
-            cfg.model, dtype=_dtype(cfg), device=cfg.device, experts_range=(0, 0) if sharded else None)
+            cfg.model, dtype=_dtype(cfg), device=cfg.device, experts_range=(0, 0) if sharded else None,
+            load_format=cfg.load_format, seed=cfg.seed)
         self.ep = None                   # the expert shards (raymoe.platform.parallel), when the experts are remote
         if sharded:
             from raymoe.platform.parallel.expert_parallel import ExpertParallel

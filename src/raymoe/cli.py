@@ -191,6 +191,30 @@ def finetune(
     raise typer.Exit(run_cli(config, set_))
 
 
+@app.command("plan-memory")
+def plan_memory_cmd(
+    gpus: int = typer.Option(8, help="GPUs of one replica: GPU 0 the router, the rest expert shards"),
+    gpu_gb: float = typer.Option(141.0, help="memory per GPU, decimal GB (H200: 141)"),
+    seqs: int = typer.Option(4, help="sequences whose latent KV cache the router holds"),
+    context: int = typer.Option(131072, help="tokens per sequence"),
+    experts: str = typer.Option("fp8", help="routed-expert weights: fp8 (128x128 block scales; planned, issue 12) "
+                                "| bf16"),
+    reserve_gb: float = typer.Option(8.0, help="per-GPU reserve for activations, CUDA context and graphs"),
+    model: Optional[Path] = typer.Option(None, help="config.json folder (default: the published DeepSeek-V3)"),
+) -> None:
+    """Memory dry run of the expert-parallel layout (no GPU touched): GB per GPU, and whether it fits."""
+    from raymoe.platform.config import ConfigError, ModelConfig
+    from raymoe.platform.parallel.memory_plan import deepseek_v3_config, plan_memory
+    try:
+        cfg = ModelConfig.from_pretrained(model) if model else deepseek_v3_config()
+        plan = plan_memory(cfg, gpus=gpus, gpu_gb=gpu_gb, expert_format=experts, seqs=seqs, context=context,
+                           reserve_gb=reserve_gb)
+    except (ConfigError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    typer.echo(plan.table())
+    raise typer.Exit(0 if plan.fits else 1)
+
+
 @app.command()
 def version() -> None:
     """Print the raymoe version."""
