@@ -7,6 +7,7 @@ dynamic cache), in the same run. Sections (--sections, comma list):
   steps     engine steps before (PyTorch attention) / after (kernel), and the transformers peer
   long      8K-128K decode steps before/after through the model runner (random latents in the cache)
   fidelity  raymoe bf16 vs fp32 truth, transformers bf16 vs fp32 truth (fp32 copy of the weights)
+  profile   where a graphed decode step's time goes: the profiler's CUDA kernel table at --profile-batch
 
     PYTHONPATH=src python benchmarks/gpu_decode.py --sections kernel,fp8
     PYTHONPATH=src python benchmarks/gpu_decode.py --sections steps [--layers 4] [--prompt 512] [--out DIR]
@@ -160,6 +161,59 @@ def bench_ours(ours, cfg, batch: int, prompt: int, steps: int) -> tuple[float, f
     del eng
     torch.cuda.empty_cache()
     return statistics.median(times), sum(uniq) / len(uniq)
+
+
+def profile_step(ours, cfg, batch: int, prompt: int, steps: int = 10, top: int = 30) -> list[dict]:
+    """The CUDA kernels of `steps` graphed decode steps at `batch` (torch.profiler; kernels inside CUDA graphs are
+    traced), grouped by name: time per step, calls per step, share of the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from raymoe.platform.config import EngineConfig, SamplingParams
+    from raymoe.platform.engine import LLMEngine
+    bs = 64
+    need = batch * (-(-(prompt + 3 * steps + 32) // bs))
+    eng = LLMEngine(EngineConfig(model="bench", device=DEV, dtype="bfloat16", block_size=bs, num_blocks=need + 4,
+                                 max_model_len=prompt + 3 * steps + 64, max_num_batched_tokens=16384,
+                                 enable_prefix_caching=False, cuda_graph_sizes=[1, 8, 32]), model=ours)
+    g = torch.Generator().manual_seed(batch)
+    params = SamplingParams(temperature=0, max_tokens=3 * steps + 24, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request(f"p{i}", torch.randint(0, cfg.vocab_size, (prompt,), generator=g).tolist(), params)
+    while any(s.num_uncomputed > 1 for s in eng.scheduler.running) or eng.scheduler.waiting:
+        eng.step()
+    for _ in range(5):
+        eng.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    for rid in list(eng.requests):
+        eng.abort(rid)
+    del eng
+    torch.cuda.empty_cache()
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name, [0.0, 0])
+            k[0] += e.time_range.elapsed_us()
+            k[1] += 1
+    total = sum(v[0] for v in kernels.values()) / steps
+    rows = sorted(({"kernel": n[:90], "us_per_step": v[0] / steps, "calls_per_step": v[1] / steps}
+                   for n, v in kernels.items()), key=lambda r: -r["us_per_step"])
+    print(f"\n### profile, batch {batch}: wall {wall * 1e3:.2f} ms/step, GPU kernels {total / 1e3:.2f} ms/step "
+          f"({len(kernels)} distinct kernels, {sum(v[1] for v in kernels.values()) / steps:.0f} launches/step)")
+    print("| kernel | us/step | calls/step | share |")
+    print("| --- | --- | --- | --- |")
+    for r in rows[:top]:
+        print(f"| {r['kernel']} | {r['us_per_step']:.1f} | {r['calls_per_step']:.1f} | "
+              f"{100 * r['us_per_step'] / max(total, 1e-9):.1f}% |")
+    return [dict(batch=batch, wall_ms=wall * 1e3, kernel_ms=total / 1e3)] + rows[:top]
 
 
 def bench_hf_generate(hf, cfg, batch: int, prompt: int, steps: int, static: bool) -> float:
@@ -444,6 +498,7 @@ def main() -> None:
     ap.add_argument("--kernel-batches", default="1,8,32,64")
     ap.add_argument("--long-batches", default="1,8")
     ap.add_argument("--no-sweep", action="store_true", help="kernel section: skip the tile sweep")
+    ap.add_argument("--profile-batches", default="1,32", help="profile section")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="small dims on the CPU: checks the script, times nothing")
     a = ap.parse_args()
@@ -463,7 +518,7 @@ def main() -> None:
         result["kernel"] = bench_kernel(bw, tf, ints(a.contexts), ints(a.kernel_batches), sweep=not a.no_sweep)
     if "fp8" in sections:
         result["fp8"] = bench_fp8(bw, [1, 32])
-    if sections & {"steps", "long", "fidelity"}:
+    if sections & {"steps", "long", "fidelity", "profile"}:
         t = time.perf_counter()
         hf, ours, cfg = build(a.layers, a.smoke)
         print(f"built {a.layers} full-width layers ({sum(p.numel() for p in ours.parameters()) / 1e9:.1f}B params) "
@@ -473,6 +528,8 @@ def main() -> None:
         if "steps" in sections:
             result["steps"] = bench_steps(hf, ours, cfg, bw, ints(a.batches), a.prompt, a.steps, ints(a.peer_batches),
                                           a.hf_steps)
+        if "profile" in sections:
+            result["profile"] = [profile_step(ours, cfg, B, a.prompt) for B in ints(a.profile_batches)]
         if "long" in sections:
             result["long"] = bench_long(ours, cfg, bw, ints(a.contexts), ints(a.long_batches), a.steps)
     if a.out:
