@@ -18,6 +18,7 @@ Nothing here knows a transport.
 from __future__ import annotations
 
 import itertools
+import threading
 
 import torch
 
@@ -77,6 +78,7 @@ class ShardLora:
         self.max_loras, self.max_rank = max_loras, max_rank
         self.stacks: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.versions: dict[int, int] = {}     # slot -> version of what it holds
+        self._lock = threading.Lock()          # a shard actor is threaded: writes of several slots may overlap
 
     def held(self) -> dict[int, int]:
         return dict(self.versions)
@@ -98,6 +100,10 @@ class ShardLora:
             raise ValueError("this expert shard was started without adapter slots (max_loras 0)")
         if not 0 <= slot < self.max_loras:
             raise ValueError(f"adapter slot {slot} is outside 0..{self.max_loras - 1}")
+        with self._lock:
+            self._write(slot, version, factors)
+
+    def _write(self, slot: int, version: int, factors: SlotFactors) -> None:
         if self.stacks is None:
             self._allocate()
         for layer, stacks in self.stacks.items():
@@ -119,6 +125,7 @@ class ShardLora:
         lacking = asked - set(self.versions)
         if lacking:
             raise MissingLora(f"rows ask for adapter slots {sorted(lacking)} this expert shard does not hold")
-        if self.stacks is None:                # slots bound, every row the base: zero stacks, as on the router
-            self._allocate()
+        with self._lock:
+            if self.stacks is None:            # slots bound, every row the base: zero stacks, as on the router
+                self._allocate()
         return {w: ExpertLora(a, b, 1.0, slots) for w, (a, b) in self.stacks[layer].items()}
