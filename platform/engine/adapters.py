@@ -132,10 +132,10 @@ class AdapterPool:
         """Put an adapter into `slot`: the model's stacks, and the expert shards' for remote routed experts."""
         self.lora.write(slot, factors)
         if self.lora.remote:
-            by_layer: dict[int, dict] = {}
+            by_layer: dict[int, dict] = {layer: {} for layer, _ in self.lora.remote.values()}   # all: zeros
             for pname, (layer, w) in self.lora.remote.items():
                 if pname in factors:
-                    by_layer.setdefault(layer, {})[w] = factors[pname]
+                    by_layer[layer][w] = factors[pname]
             self.remote.write_lora(slot, by_layer)
 
     def _get(self, name: str) -> _Adapter:

@@ -55,7 +55,8 @@ class AdapterSlots:
         return version
 
     def for_shard(self, slot: int, experts: dict[int, list[int]]) -> tuple[int, SlotFactors]:
-        """(version, factors) of `slot` cut to the experts a shard holds (`experts`: layer -> sorted global ids)."""
+        """(version, factors) of `slot` cut to the experts a shard holds (`experts`: layer -> sorted global ids;
+        layers the slot names without weights stay named, with none)."""
         version, factors = self.slots[slot]
         out: SlotFactors = {}
         for layer, ids in experts.items():
@@ -76,26 +77,27 @@ class ShardLora:
     def __init__(self, experts: dict, max_loras: int, max_rank: int) -> None:
         self.experts = experts                 # layer -> RoutedExperts (the shard's)
         self.max_loras, self.max_rank = max_loras, max_rank
-        self.stacks: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+        # layer -> weight -> (A, B); a layer's stacks are allocated at the first write that names it (the router
+        # names every layer adapters reach, so the MTP module's experts never get any)
+        self.stacks: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.versions: dict[int, int] = {}     # slot -> version of what it holds
         self._lock = threading.Lock()          # a shard actor is threaded: writes of several slots may overlap
 
     def held(self) -> dict[int, int]:
         return dict(self.versions)
 
-    def _allocate(self) -> None:
-        S, R = self.max_loras, self.max_rank
-        self.stacks = {}
-        for layer, ex in self.experts.items():
-            p = ex.gate_up_proj
-            self.stacks[layer] = {}
-            for w in WEIGHTS:
-                _, out_f, in_f = getattr(ex, w).shape
-                self.stacks[layer][w] = (p.new_zeros(S * ex.count, R, in_f), p.new_zeros(S * ex.count, out_f, R))
+    def _allocate(self, layer: int) -> None:
+        S, R, ex = self.max_loras, self.max_rank, self.experts[layer]
+        p = ex.gate_up_proj
+        self.stacks[layer] = {}
+        for w in WEIGHTS:
+            _, out_f, in_f = getattr(ex, w).shape
+            self.stacks[layer][w] = (p.new_zeros(S * ex.count, R, in_f), p.new_zeros(S * ex.count, out_f, R))
 
     @torch.no_grad()
     def write(self, slot: int, version: int, factors: SlotFactors) -> None:
-        """Overwrite `slot` with `factors` (this shard's experts only, as `AdapterSlots.for_shard` cuts them)."""
+        """Overwrite `slot` with `factors` (this shard's experts only, as `AdapterSlots.for_shard` cuts them; a
+        layer named with no weights, or not named: zeros)."""
         if not self.max_loras:
             raise ValueError("this expert shard was started without adapter slots (max_loras 0)")
         if not 0 <= slot < self.max_loras:
@@ -104,8 +106,11 @@ class ShardLora:
             self._write(slot, version, factors)
 
     def _write(self, slot: int, version: int, factors: SlotFactors) -> None:
-        if self.stacks is None:
-            self._allocate()
+        for layer in factors:
+            if layer not in self.stacks:
+                if layer not in self.experts:
+                    raise ValueError(f"layer {layer}: this expert shard holds none of its experts")
+                self._allocate(layer)
         for layer, stacks in self.stacks.items():
             for w, (A, B) in stacks.items():
                 fa, fb = factors.get(layer, {}).get(w, (None, None))
@@ -125,7 +130,7 @@ class ShardLora:
         lacking = asked - set(self.versions)
         if lacking:
             raise MissingLora(f"rows ask for adapter slots {sorted(lacking)} this expert shard does not hold")
-        with self._lock:
-            if self.stacks is None:            # slots bound, every row the base: zero stacks, as on the router
-                self._allocate()
-        return {w: ExpertLora(a, b, 1.0, slots) for w, (a, b) in self.stacks[layer].items()}
+        stacks = self.stacks.get(layer)
+        if stacks is None:                     # a layer no adapter reaches: its base experts
+            return None
+        return {w: ExpertLora(a, b, 1.0, slots) for w, (a, b) in stacks.items()}

@@ -110,6 +110,33 @@ def test_mixed_adapters_over_two_shards_match_in_process(ray_cluster, tiny_ckpt_
         eng.close()
 
 
+def test_replicated_experts_hold_the_adapters_too(tiny_ckpt_fp32, ref_model, adapters, ep_lora_prompts, reference,
+                                                 tmp_path):
+    """A balanced plan replicating hot experts on 3 in-process shards: every replica holds the adapters' factors of
+    its experts (rows of a replicated expert are split over its replicas), and the tokens are the reference's."""
+    toks, _ = reference
+    loads = {m.layer: [float((e * 7 + m.layer) % 5 + 1) for e in range(16)] for m in ref_model.moe_layers()}
+    plan = PlacementPlan.balanced(loads, num_shards=3, num_replicas=4)
+    assert any(len(h) > 1 for layer in plan.layers for h in plan.holders(layer))
+    plan.save(tmp_path / "plan.json")
+    eng = _engine(tiny_ckpt_fp32, adapters, 3, "local", plan=str(tmp_path / "plan.json"))
+    try:
+        assert eng.ep.plan == plan
+        jobs = _jobs(ep_lora_prompts, adapters)
+        out = eng.generate([ep_lora_prompts[i] for i, _ in jobs], [_params(n) for _, n in jobs])
+        assert [o["outputs"][0]["token_ids"] for o in out] == [toks[j] for j in jobs]
+        main = {layer for layer, _ in eng.model.row_lora.remote.values()}           # not the MTP module's
+        for sh, spec in zip(eng.ep.active.shards, plan.shards):        # every held expert got every slot
+            assert set(sh.held_lora()) == set(eng.adapter_pool.slot_of.values())
+            assert set(sh.lora.stacks) == {layer for layer, ids in spec.experts.items() if ids and layer in main}
+            for layer, st in sh.lora.stacks.items():
+                a = st["gate_up_proj"][0]
+                a = a.view(4, -1, *a.shape[1:]).flatten(2)                # [slot, expert, R * in]
+                assert bool((a.abs().sum(-1) > 0).all())                  # no (slot, expert) left without factors
+    finally:
+        eng.close()
+
+
 def test_load_evict_reload_replan_while_streaming(ray_cluster, tiny_ckpt_fp32, adapters, ep_lora_prompts,
                                                   reference):
     """Two slots for four adapters over 2 Ray shards: an adapter loaded while requests stream, evictions and a
@@ -202,3 +229,24 @@ def test_killed_shard_gets_its_adapters_back(ray_cluster, tiny_ckpt_fp32, adapte
         assert all(set(h) == set(eng.adapter_pool.slot_of.values()) for h in held)
     finally:
         eng.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_piecewise_graphs_with_adapters_on_shards_match_eager(tiny_ckpt_fp32, adapters, ep_lora_prompts):
+    """Piecewise CUDA graphs over 2 shards with adapters: the exchanges between the replayed segments carry the
+    slots of each replay (the graph's static slots input), so the tokens equal the eager engine's."""
+    from raymoe.platform.engine.piecewise_graphs import PiecewiseGraph
+    kw = dict(device="cuda", dtype="bfloat16", block_size=16, cuda_graph_sizes=[1, 2, 4, 8, 16])
+    eager = _engine(tiny_ckpt_fp32, adapters, 2, "local", engine=kw)
+    graphed = _engine(tiny_ckpt_fp32, adapters, 2, "local", engine={**kw, "enforce_eager": False},
+                      piecewise_graphs=True)
+    assert eager.runner.graphs is None and graphed.runner.graphs is not None
+    jobs = _jobs(ep_lora_prompts, adapters)
+    a = eager.generate([ep_lora_prompts[i] for i, _ in jobs], [_params(n, 8) for _, n in jobs])
+    b = graphed.generate([ep_lora_prompts[i] for i, _ in jobs], [_params(n, 8) for _, n in jobs])
+    ta = [o["outputs"][0]["token_ids"] for o in a]
+    assert ta == [o["outputs"][0]["token_ids"] for o in b]
+    by = dict(zip(jobs, ta))
+    assert by[(0, "experts4")] != by[(0, None)]                   # the shards' adapters change the tokens
+    keys = [k for k, (g, _) in graphed.runner.graphs.graphs.items() if isinstance(g, PiecewiseGraph)]
+    assert any(k[-1] for k in keys)                              # adapter steps were replayed piecewise
