@@ -212,8 +212,9 @@ def main() -> None:
              num_cpus=max(8, os.cpu_count() or 1), num_gpus=1 if a.device == "cuda" else 0)
     gpu = a.device == "cuda"
     print(f"model {path}  device {a.device}  torch {torch.__version__}  router threads {a.threads}")
-    print("decode step: each engine against the eager in-process engine, alternating rounds of steps (same run)")
-    print(f"{'batch':>5} {'engine':<22} {'step ms':>9} {'base ms':>9} {'vs base':>8} {'added/MoE layer ms':>19}")
+    if not a.adapters_only:
+        print("decode step: each engine against the eager in-process engine, alternating rounds of steps (same run)")
+        print(f"{'batch':>5} {'engine':<22} {'step ms':>9} {'base ms':>9} {'vs base':>8} {'added/MoE layer ms':>19}")
     rounds = a.rounds
     # (name, shards, transport, graphs): on CUDA each sharded engine eager and with piecewise graphs
     engines = [("in-process (graphs)", 0, "local", True)] if gpu else []
