@@ -1,9 +1,12 @@
 """Expert-parallel decode overhead: the same model decoding with its routed experts in the engine's process and on
 1 / 2 / 4 expert shards through each transport (local objects, Ray actor calls, a gloo collective), and the time each
 adds per MoE layer per step; then one MoE-layer exchange through Ray compiled graphs (ray.dag, shared-memory
-channels) against a plain actor call, same shard, same rows.
+channels) against a plain actor call, same shard, same rows. With --adapters K, per-request LoRA over the shards:
+every request on one of K random rank-16 adapters (all targets, routed experts included: their factors live on the
+shards, the rows' slots travel with the exchange) against the same engine's shape without adapters, same run.
 
     python benchmarks/ep_decode.py                       # CPU, the tiny model (written to a temp dir)
+    python benchmarks/ep_decode.py --adapters 4 --shards 2 --batch 8 --no-exchange     # adapters over 2 shards
     python benchmarks/ep_decode.py --device cuda --full-width --shards 1 --transports collective --batch 1 32
 
 --full-width writes a random checkpoint with DeepSeek-V3's widths (hidden 7168, MLA 128 heads, expert width 2048,
@@ -46,7 +49,8 @@ class Decoder:
     """An engine with `batch` sequences in their decode phase; `time(steps)` is the median step (s)."""
 
     def __init__(self, path: str, device: str, batch: int, budget: int, shards: int = 0, transport: str = "local",
-                 graphs: bool = False) -> None:
+                 graphs: bool = False, adapters: list[str] | None = None) -> None:
+        # adapters: PEFT folders; request i runs on adapter i % len (None: the base model only)
         from raymoe.platform.config import EngineConfig, ParallelConfig, SamplingParams
         from raymoe.platform.engine import LLMEngine
         gpu = device == "cuda"
@@ -56,10 +60,13 @@ class Decoder:
         self.eng = LLMEngine(EngineConfig(
             model=path, device=device, dtype="bfloat16" if gpu else "float32", block_size=16,
             num_blocks=batch * (-(-(budget + 40) // 16)) + 8, enforce_eager=not graphs, cuda_graph_sizes=[1, 8, 32],
-            enable_prefix_caching=False, parallel=par))
+            enable_prefix_caching=False, parallel=par, max_loras=max(1, len(adapters or [])), max_lora_rank=16))
+        for i, p in enumerate(adapters or []):
+            self.eng.load_adapter(f"a{i}", p)
         g = torch.Generator().manual_seed(batch)
-        params = SamplingParams(temperature=0, max_tokens=budget + 20, ignore_eos=True)
         for i in range(batch):
+            params = SamplingParams(temperature=0, max_tokens=budget + 20, ignore_eos=True,
+                                    adapter=f"a{i % len(adapters)}" if adapters else None)
             self.eng.add_request(f"b{i}", torch.randint(3, 1000, (16,), generator=g).tolist(), params)
         for _ in range(10):                        # prefill, then decode warm-up (graph capture)
             self.eng.step()
@@ -147,6 +154,42 @@ def exchange_times(path: str, batch: int, reps: int, gpu: bool) -> dict[str, flo
     return out
 
 
+def adapter_table(path: str, a) -> None:
+    """Per-request adapters over the shards: each sharded engine with every request on one of K adapters against
+    the same engine without adapters (alternating rounds, same run); the in-process engine likewise, for scale."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from multi_lora import write_random_adapter
+
+    from raymoe.platform.model import from_pretrained
+    model = from_pretrained(path, dtype=torch.float32, device="cpu")
+    root = Path(tempfile.mkdtemp(prefix="ep-bench-adapters-"))
+    paths = [str(write_random_adapter(model, root / f"a{i}", 16, seed=i)) for i in range(a.adapters)]
+    del model
+    print(f"\nper-request adapters ({a.adapters} of rank 16, all targets; request i on adapter i % {a.adapters}) "
+          f"against no adapters, same engine shape, alternating rounds")
+    print(f"{'batch':>5} {'engine':<22} {'lora ms':>9} {'base ms':>9} {'lora/base':>10}")
+    budget = a.steps * a.rounds * 2 + 20
+    engines = [("in-process", 0, "local")] + [(f"{t} x{n}", n, t) for t in a.transports for n in a.shards if n]
+    for batch in a.batch:
+        for name, n, t in engines:       # one pair at a time: a process holds one collective group
+            base = Decoder(path, a.device, batch, budget, n, t)
+            lora = Decoder(path, a.device, batch, budget, n, t, adapters=paths) if n == 0 or t != "collective" \
+                else None
+            if lora is None:              # collective: one group per process, so the two engines take turns
+                t0 = alternate([base], a.steps, a.rounds)[0]
+                base.close()
+                lora = Decoder(path, a.device, batch, budget, n, t, adapters=paths)
+                t1 = alternate([lora], a.steps, a.rounds)[0]
+            else:
+                t0, t1 = alternate([base, lora], a.steps, a.rounds)
+                base.close()
+            lora.close()
+            print(f"{batch:>5} {name:<22} {t1 * 1e3:>9.2f} {t0 * 1e3:>9.2f} {t1 / t0:>10.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -159,6 +202,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the router (CPU)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-exchange", action="store_true", help="skip the actor call / compiled graph exchange")
+    ap.add_argument("--adapters", type=int, default=0, help="K > 0: also time K adapters over the shards")
+    ap.add_argument("--adapters-only", action="store_true", help="only the adapters table")
     a = ap.parse_args()
     import ray
     torch.set_num_threads(a.threads)
@@ -167,8 +212,9 @@ def main() -> None:
              num_cpus=max(8, os.cpu_count() or 1), num_gpus=1 if a.device == "cuda" else 0)
     gpu = a.device == "cuda"
     print(f"model {path}  device {a.device}  torch {torch.__version__}  router threads {a.threads}")
-    print("decode step: each engine against the eager in-process engine, alternating rounds of steps (same run)")
-    print(f"{'batch':>5} {'engine':<22} {'step ms':>9} {'base ms':>9} {'vs base':>8} {'added/MoE layer ms':>19}")
+    if not a.adapters_only:
+        print("decode step: each engine against the eager in-process engine, alternating rounds of steps (same run)")
+        print(f"{'batch':>5} {'engine':<22} {'step ms':>9} {'base ms':>9} {'vs base':>8} {'added/MoE layer ms':>19}")
     rounds = a.rounds
     # (name, shards, transport, graphs): on CUDA each sharded engine eager and with piecewise graphs
     engines = [("in-process (graphs)", 0, "local", True)] if gpu else []
@@ -178,7 +224,7 @@ def main() -> None:
             if gpu:
                 engines.append((f"{t} x{n} piecewise", n, t, True))
     budget = a.steps * rounds * (len(engines) + 1) + 20
-    for batch in a.batch:
+    for batch in [] if a.adapters_only else a.batch:
         base = Decoder(path, a.device, batch, budget)
         eager: dict[tuple[int, str], float] = {}
         for name, n, t, graphs in engines:   # one at a time: a process holds one collective group
@@ -192,6 +238,8 @@ def main() -> None:
             elif n:                          # each against the same baseline: the ratio of their ratios
                 print(f"{batch:>5} {'  piecewise / eager':<22} {t1 / t0 / eager[n, t]:>9.3f}", flush=True)
         base.close()
+    if a.adapters:
+        adapter_table(path, a)
     if a.no_exchange:
         return
     print("\none MoE layer's exchange with one shard (median of 200)")

@@ -5,8 +5,9 @@ ones, least recently used dropped and read from disk again when needed) and the 
 model's per-row LoRA stacks (`platform.model.multi_lora`): a running sequence pins its adapter's slot, so an
 adapter is evicted (least recently used first) only when no running sequence uses it, and a running request is
 never touched by a load, an eviction or an unload (an unload waits for the requests that use the adapter).
-Adapters are read and checked against the model by the one reader, `platform.checkpoint.adapter`. Never touches
-the scheduler's queues or the cache blocks.
+Adapters are read and checked against the model by the one reader, `platform.checkpoint.adapter`. Routed experts
+that live on expert shards get their factors through `remote` (the engine's `ExpertParallel`), written when the
+adapter takes a slot, before any step uses it. Never touches the scheduler's queues or the cache blocks.
 """
 from __future__ import annotations
 
@@ -47,8 +48,10 @@ class _Adapter:
 
 
 class AdapterPool:
-    def __init__(self, model: DeepseekV3ForCausalLM, max_loras: int, max_cpu_loras: int, max_rank: int) -> None:
-        self.model = model
+    def __init__(self, model: DeepseekV3ForCausalLM, max_loras: int, max_cpu_loras: int, max_rank: int,
+                 remote=None) -> None:
+        # remote: where the factors of routed experts on expert shards go (`write_lora(slot, factors)`), or None
+        self.model, self.remote = model, remote
         self.max_loras, self.max_cpu_loras, self.max_rank = max_loras, max_cpu_loras, max_rank
         self.lora: RowLora | None = None             # the model's stacks, made at the first load
         self.adapters: dict[str, _Adapter] = {}
@@ -108,7 +111,7 @@ class AdapterPool:
             slot = self._free_slot()
             if slot is None:
                 return None
-            self.lora.write(slot, self._factors(a))
+            self._write(slot, self._factors(a))
             self.slot_of[name] = slot
             self.loads += 1
         self.resident[name] = None
@@ -125,6 +128,16 @@ class AdapterPool:
                 "host_cached": len(self.host)}
 
     # ---- internals -----------------------------------------------------------------------------------------------
+    def _write(self, slot: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put an adapter into `slot`: the model's stacks, and the expert shards' for remote routed experts."""
+        self.lora.write(slot, factors)
+        if self.lora.remote:
+            by_layer: dict[int, dict] = {layer: {} for layer, _ in self.lora.remote.values()}   # all: zeros
+            for pname, (layer, w) in self.lora.remote.items():
+                if pname in factors:
+                    by_layer[layer][w] = factors[pname]
+            self.remote.write_lora(slot, by_layer)
+
     def _get(self, name: str) -> _Adapter:
         a = self.adapters.get(name)
         if a is None or a.closing:
@@ -188,6 +201,9 @@ class AdapterPool:
             raise AdapterInvalid(f"adapter {name!r}: {path} holds no LoRA factors")
         if self.lora is None:
             self.lora = install(self.model, self.max_loras, self.max_rank)
+            if self.lora.remote and self.remote is None:
+                raise AdapterInvalid("this model's routed experts are remote but the engine gave the adapter pool "
+                                     "no expert shards to write them to")
         dtype = next(self.model.parameters()).dtype
         out, rank = {}, 0
         for pname, f, experts in targets:
@@ -196,10 +212,9 @@ class AdapterPool:
             if r > self.max_rank:
                 raise AdapterInvalid(f"adapter {name!r}: rank {r} of {f.module} is above max_lora_rank "
                                      f"{self.max_rank}")
-            if pname not in self.lora.stacks:
-                where = ("routed experts on remote expert shards" if ".experts." in pname
-                         else "a weight per-request adapters do not reach (MTP modules)")
-                raise AdapterInvalid(f"adapter {name!r}: {pname} is {where}; not supported")
+            if pname not in self.lora.stacks and pname not in self.lora.remote:
+                raise AdapterInvalid(f"adapter {name!r}: {pname} is a weight per-request adapters do not reach "
+                                     f"(MTP modules); not supported")
             out[pname] = (a.to(dtype), (b.float() * f.scaling).to(dtype))
             rank = max(rank, r)
         return out, rank

@@ -97,7 +97,8 @@ class LLMEngine:
         self.ep = None                   # the expert shards (raymoe.platform.parallel), when the experts are remote
         if sharded:
             from raymoe.platform.parallel.expert_parallel import ExpertParallel
-            self.ep = ExpertParallel(cfg.model, self.model, cfg.parallel, placement_group)
+            self.ep = ExpertParallel(cfg.model, self.model, cfg.parallel, placement_group, cfg.max_loras,
+                                     cfg.max_lora_rank)
         for moe in self.model.moe_layers():
             if moe.expert_load is None:
                 moe.count_load()         # tokens per expert per layer, summed on the device (expert_load())
@@ -116,7 +117,7 @@ class LLMEngine:
         per_block = ModelRunner.cache_bytes_per_block(self.model, cfg.block_size, self.num_spec > 0, dtype)
         num_blocks = cfg.num_blocks or max(1, int(cfg.kv_cache_memory_gb * 2 ** 30 // per_block))
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.adapter_pool = AdapterPool(self.model, cfg.max_loras, cfg.max_cpu_loras, cfg.max_lora_rank)
+        self.adapter_pool = AdapterPool(self.model, cfg.max_loras, cfg.max_cpu_loras, cfg.max_lora_rank, self.ep)
         self.scheduler = Scheduler(cfg, self.blocks, self.adapter_pool)
         self._lock = threading.RLock()   # a step, a load and an unload never interleave (servers call from threads)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.num_spec > 0,

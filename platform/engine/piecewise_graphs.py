@@ -8,7 +8,9 @@ at the final norm. `PiecewiseGraph.capture(run)` runs the step once with every r
 calls the real dispatch between them, eagerly, on the tensors the previous segment wrote (the captured send's
 inputs are static: the graph writes the same addresses each replay) and copies the routed output into the static
 buffer the next segment reads. All segments share one memory pool and replay in capture order, as the captures
-of one whole-step graph would.
+of one whole-step graph would. Per-row adapters (`multi_lora.RowLoraDispatch` over the remote dispatch): the cut
+replaces the wrapper's inner dispatch, so the exchange records the factors the wrapper passed down while capturing,
+whose slots are the graph's static slots input: each replay's exchange carries that replay's slots.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from raymoe.platform.model.moe import ExpertDispatch
+from raymoe.platform.model.moe import ExpertDispatch, ExpertLora
+from raymoe.platform.model.multi_lora import RowLoraDispatch
 
 
 @dataclass
@@ -27,6 +30,7 @@ class _Exchange:
     hidden: torch.Tensor          # [N, H] written by the segment before the send
     topk_ids: torch.Tensor        # [N, k]
     topk_w: torch.Tensor          # [N, k]
+    lora: dict[str, ExpertLora] | None = None    # per-row factors: slots [N] a static input of the graph
     out: torch.Tensor | None = None      # [N, H] read by the segment after the wait
     pending: object = None
 
@@ -38,9 +42,7 @@ class _Cut(ExpertDispatch):
         self.graph, self.inner = graph, inner
 
     def send(self, layer, hidden, topk_ids, topk_w, lora=None):
-        if lora:
-            raise ValueError(f"layer {layer}: routed-expert LoRA cannot travel to expert shards yet")
-        ex = _Exchange(self.inner, layer, hidden, topk_ids, topk_w)
+        ex = _Exchange(self.inner, layer, hidden, topk_ids, topk_w, lora or None)
         self.graph._cut(("send", ex))
         return ex
 
@@ -77,14 +79,17 @@ class PiecewiseGraph:
 
     def capture(self, run) -> torch.Tensor:
         """Capture `run()` (one uniform step over static buffers) in segments; returns its static output."""
-        moes = [m for m in self.model.moe_layers() if m.dispatch is not None and m.dispatch.remote]
-        inner = [m.dispatch for m in moes]
+        # the dispatches to cut: the remote one, under a per-row LoRA wrapper if there is one
+        owners = [m.dispatch if isinstance(m.dispatch, RowLoraDispatch) else m
+                  for m in self.model.moe_layers() if m.dispatch is not None and m.dispatch.remote]
+        attr = ["inner" if isinstance(o, RowLoraDispatch) else "dispatch" for o in owners]
+        inner = [getattr(o, a) for o, a in zip(owners, attr)]
         torch.cuda.synchronize()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         try:
-            for m, d in zip(moes, inner):
-                m.dispatch = _Cut(self, d)
+            for o, a, d in zip(owners, attr, inner):
+                setattr(o, a, _Cut(self, d))
             with torch.cuda.stream(stream), torch.inference_mode():
                 self._begin()
                 try:
@@ -95,8 +100,8 @@ class PiecewiseGraph:
                         self._graph.capture_end()
                     raise
         finally:
-            for m, d in zip(moes, inner):
-                m.dispatch = d
+            for o, a, d in zip(owners, attr, inner):
+                setattr(o, a, d)
         torch.cuda.current_stream().wait_stream(stream)
         return out
 
@@ -107,7 +112,7 @@ class PiecewiseGraph:
                 continue
             kind, ex = step
             if kind == "send":
-                ex.pending = ex.dispatch.send(ex.layer, ex.hidden, ex.topk_ids, ex.topk_w)
+                ex.pending = ex.dispatch.send(ex.layer, ex.hidden, ex.topk_ids, ex.topk_w, ex.lora)
             else:
                 ex.out.copy_(ex.dispatch.wait(ex.pending))
                 ex.pending = None

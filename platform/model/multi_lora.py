@@ -10,7 +10,9 @@ adapters). Slot -1 is the base model: its rows sort past the last group and cost
 - `LoraLinear`: an nn.Linear (attention projections, dense and shared-expert MLPs) with stacks
   `lora_a` [S, R, in] and `lora_b` [S, out, R] (the scale folded into B); it stays an nn.Linear, same weight.
 - `RowLoraDispatch`: the MoE dispatch wrapper that hands the routed experts' stacks ([S * E, R, in] and
-  [S * E, out, R], adapter-major) with the rows' slots down to `RoutedExperts` as `ExpertLora`.
+  [S * E, out, R], adapter-major) with the rows' slots down to `RoutedExperts` as `ExpertLora`. Over a remote
+  dispatch (expert shards) it holds no stacks (E = 0 here: the shards hold theirs, same slot numbering) and only
+  the rows' slots travel down; `RowLora.remote` names those weights so the engine can write them to the shards.
 - `MLA` reads kv_b_proj's stacks itself, since its absorbed path never calls kv_b_proj.
 
 Buffers are preallocated (S = max adapters resident, R = max rank; smaller ranks are zero-padded), so loading an
@@ -124,17 +126,15 @@ class LoraLinear(nn.Linear):
 
 class RowLoraDispatch(ExpertDispatch):
     """MoE.dispatch of a layer whose routed experts carry per-row adapters: wraps the layer's dispatch (`inner`,
-    else its local experts) and, while rows are bound, hands the stacks and the slots down as `ExpertLora`."""
+    else its local experts) and, while rows are bound, hands the stacks and the slots down as `ExpertLora`.
+    Over a remote inner dispatch the stacks are empty ([0, R, in] / [0, out, R]): only the slots matter there."""
 
     def __init__(self, moe: MoE, rows: LoraRows, max_rank: int) -> None:
         self.experts = moe.experts
         self.inner: ExpertDispatch | None = moe.dispatch      # None: the layer's own experts
-        if self.remote:
-            raise ValueError(f"layer {moe.layer}: per-request adapters on routed experts are not carried to remote "
-                             f"expert shards")
         self.rows = rows
         ex = moe.experts
-        S, E = rows.max_loras, ex.count
+        S, E = rows.max_loras, (0 if self.remote else ex.count)
         p = ex.gate_up_proj
         self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in ("gate_up_proj", "down_proj"):
@@ -166,27 +166,43 @@ class RowLora:
         self.rows, self.max_rank = rows, max_rank
         self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self.expert_ids: dict[str, list[int]] = {}    # stacked-expert weight -> the global expert ids it holds
+        # routed-expert weights whose experts live on remote shards: name -> (layer, "gate_up_proj" | "down_proj");
+        # `write` leaves them to whoever owns the shards
+        self.remote: dict[str, tuple[int, str]] = {}
 
     @torch.no_grad()
     def write(self, slot: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put one adapter into `slot`: factors[name] = (a [r, in], b [out, r]) or, for stacked experts, the
         adapter's (a [E_all, r, in], b [E_all, out, r]); scale already in b. Weights it does not name get zeros."""
         for name, (A, B, experts) in self.stacks.items():
-            a = A.view(-1, experts, *A.shape[1:])[slot]          # [E, R, in] (E = 1 for a linear weight)
-            b = B.view(-1, experts, *B.shape[1:])[slot]          # [E, out, R]
-            a.zero_()
-            b.zero_()
-            if name not in factors:
-                continue
-            fa, fb = factors[name]
-            if fa.dim() == 2:
-                fa, fb = fa[None], fb[None]
-            else:
+            fa, fb = factors.get(name, (None, None))
+            if fa is not None and fa.dim() == 3:
                 ids = torch.tensor(self.expert_ids[name], dtype=torch.long)
                 fa, fb = fa.index_select(0, ids), fb.index_select(0, ids)      # this model's share of the experts
-            r = fa.shape[1]
-            a[:, :r].copy_(fa)
-            b[:, :, :r].copy_(fb)
+            write_slot(A, B, experts, slot, fa, fb)
+
+
+@torch.no_grad()
+def write_slot(A: torch.Tensor, B: torch.Tensor, experts: int, slot: int, fa: torch.Tensor | None = None,
+               fb: torch.Tensor | None = None) -> None:
+    """Overwrite `slot` of the stacks A [S * E, R, in] / B [S * E, out, R] (adapter-major; E = 1 for a linear
+    weight) with fa [(E,) r, in] / fb [(E,) out, r], zero-padded to R; zeros where fa is None."""
+    a = A.view(-1, experts, *A.shape[1:])[slot]          # [E, R, in]
+    b = B.view(-1, experts, *B.shape[1:])[slot]          # [E, out, R]
+    a.zero_()
+    b.zero_()
+    if fa is None:
+        return
+    if fa.dim() == 2:
+        fa, fb = fa[None], fb[None]
+    r = fa.shape[1]
+    a[:, :r].copy_(fa)
+    b[:, :, :r].copy_(fb)
+
+
+def padded_rank(max_rank: int) -> int:
+    """The stacks' rank R for adapters of rank up to `max_rank`: rounded up to 8, for aligned GEMM rows."""
+    return -(-max_rank // 8) * 8
 
 
 def install(model: nn.Module, max_loras: int, max_rank: int) -> RowLora:
@@ -194,7 +210,7 @@ def install(model: nn.Module, max_loras: int, max_rank: int) -> RowLora:
     `max_loras` adapters of rank up to `max_rank` (rounded up to 8, for aligned GEMM rows). Once per model: a
     second call returns the first one's result if the sizes agree."""
     done: RowLora | None = getattr(model, "row_lora", None)
-    max_rank = -(-max_rank // 8) * 8
+    max_rank = padded_rank(max_rank)
     if done is not None:
         if done.rows.max_loras != max_loras or done.max_rank != max_rank:
             raise ValueError(f"the model already carries per-row LoRA stacks for {done.rows.max_loras} adapters of "
@@ -212,11 +228,14 @@ def install(model: nn.Module, max_loras: int, max_rank: int) -> RowLora:
                                     persistent=False)
                 object.__setattr__(mod, "rows", out.rows)
                 out.stacks[f"{name}.weight"] = (mod.lora_a, mod.lora_b, 1)
-        if isinstance(layer.mlp, MoE) and not (layer.mlp.dispatch is not None and layer.mlp.dispatch.remote):
+        if isinstance(layer.mlp, MoE):
             d = RowLoraDispatch(layer.mlp, out.rows, max_rank)
             layer.mlp.dispatch = d
             for w, (a, b) in d.stacks.items():
                 key = f"model.layers.{i}.mlp.experts.{w}"
+                if d.remote:                    # the expert shards hold this layer's stacks
+                    out.remote[key] = (layer.mlp.layer, w)
+                    continue
                 out.stacks[key] = (a, b, layer.mlp.experts.count)
                 out.expert_ids[key] = layer.mlp.experts.expert_ids
     object.__setattr__(model, "row_lora", out)

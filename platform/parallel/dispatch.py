@@ -6,7 +6,8 @@ sends it to every shard owning some pair, and returns at once; `wait` returns th
 added up in fp32 (each shard computes only the pairs it owns). A shard that fails mid-exchange is waited for (Ray
 restarts it) and the whole layer is sent again, until the step deadline; then `ExpertsUnavailable`. Remote: never
 captured in a CUDA graph (it refuses; piecewise graphs replay around it) and never traced by a compiler (the
-compiled step runs it behind an opaque op).
+compiled step runs it behind an opaque op). Per-request adapters: of the `lora` a `multi_lora.RowLoraDispatch`
+hands down only the rows' adapter slots are used (they travel with the rows; the shards hold the factors).
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class _Pending:
     w: torch.Tensor                 # [N, k]
     owner: torch.Tensor             # [N, k] the shard computing each pair
     hit: list[int]                  # the shards owning any pair
+    slots: torch.Tensor | None      # [N] adapter slot of each row (-1: base); None: no adapters bound
     handle: object = None           # None: to be sent (again)
 
 
@@ -65,15 +67,14 @@ class ShardedDispatch(ExpertDispatch):
 
     def send(self, layer, hidden, topk_ids, topk_w, lora=None):
         # hidden: [N, H]; topk_ids, topk_w: [N, k] -> pending
-        if lora:
-            raise ValueError(f"layer {layer}: routed-expert LoRA cannot travel to expert shards yet")
+        slots = _slots(layer, lora)
         if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("a remote expert dispatch cannot be captured in a CUDA graph")
         owner = self.ep.routing.shard_of(layer, topk_ids)                      # [N, k]
         hit = torch.unique(owner).tolist()             # the step's one host sync for the split
-        p = _Pending(layer, hidden, topk_ids, topk_w, owner, hit)
+        p = _Pending(layer, hidden, topk_ids, topk_w, owner, hit, slots)
         try:
-            p.handle = self.ep.active.send(layer, hidden, topk_ids, topk_w, owner, hit)
+            p.handle = self.ep.active.send(layer, hidden, topk_ids, topk_w, owner, hit, slots)
         except ShardFailure as e:                   # the data plane is down: wait() recovers and sends again
             log.warning("layer %d: %s", layer, e)
         return p
@@ -84,7 +85,7 @@ class ShardedDispatch(ExpertDispatch):
         while True:
             try:
                 if p.handle is None:
-                    p.handle = shards.send(p.layer, p.x, p.ids, p.w, p.owner, p.hit)
+                    p.handle = shards.send(p.layer, p.x, p.ids, p.w, p.owner, p.hit, p.slots)
                 return shards.wait(p.handle)
             except ShardFailure as e:
                 p.handle = None
@@ -94,3 +95,14 @@ class ShardedDispatch(ExpertDispatch):
                 log.warning("layer %d: %s; waiting for the shards (deadline %g s)", p.layer, e,
                             self.ep.cfg.step_deadline_s)
                 shards.recover(deadline)            # raises ExpertsUnavailable past the deadline
+
+
+def _slots(layer: int, lora) -> torch.Tensor | None:
+    """The rows' adapter slots of per-row LoRA factors (None: none); the shards hold the factors themselves, so
+    other LoRA (a trainer's factors) cannot travel."""
+    if not lora:
+        return None
+    fs = list(lora.values())
+    if any(f.slots is None or f.slots is not fs[0].slots for f in fs):
+        raise ValueError(f"layer {layer}: only per-request adapters (multi_lora slots) travel to expert shards")
+    return fs[0].slots

@@ -4,7 +4,10 @@ Loads the placement plan (a JSON file, or contiguous ranges), starts the shard s
 (inside the replica's placement group), and installs a `ShardedDispatch` on every MoE layer of the router's model.
 `apply_plan` re-plans live: the new set (shards whose experts are unchanged are kept, the others start and load) is
 built while steps go on, then swapped in between two steps, under the lock every step holds (`stepping`), so a
-step never mixes two plans. It never touches attention, caches or scheduling.
+step never mixes two plans. Per-request adapters: `write_lora(slot, factors)` (called by the engine's adapter pool
+when it puts an adapter into a slot, inside a step) records the routed-expert factors (`AdapterSlots`) and writes
+them to the shards before returning; a new plan's new shards get every resident slot before they serve, and a
+recovery re-sends them to restarted shards. It never touches attention, caches or scheduling.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from raymoe.platform.config import ParallelConfig
 from raymoe.platform.model import DeepseekV3ForCausalLM
 from raymoe.platform.parallel.dispatch import RoutingTable, ShardedDispatch
 from raymoe.platform.parallel.plan import PlacementPlan
+from raymoe.platform.parallel.shard_lora import AdapterSlots, SlotFactors
 from raymoe.platform.parallel.shard_sets import SHARD_SETS
 
 log = logging.getLogger(__name__)
@@ -23,8 +27,10 @@ log = logging.getLogger(__name__)
 
 class ExpertParallel:
     def __init__(self, path: str, model: DeepseekV3ForCausalLM, cfg: ParallelConfig,
-                 placement_group=None) -> None:
+                 placement_group=None, max_loras: int = 0, max_lora_rank: int = 0) -> None:
+        # max_loras, max_lora_rank: the engine's adapter slots, which the shards mirror (0: no adapters)
         self.path, self.cfg = str(path), cfg
+        self.lora = AdapterSlots(max_loras, max_lora_rank)
         p = next(model.parameters())
         self.device, self.dtype = p.device, str(p.dtype).removeprefix("torch.")
         self.layers = [m.layer for m in model.moe_layers()]
@@ -59,7 +65,7 @@ class ExpertParallel:
     def _build(self, plan: PlacementPlan, reuse=None):
         cls = SHARD_SETS[self.cfg.transport]
         return cls(self.path, plan, self.cfg, self.dtype, "cpu" if self.device.type == "cpu" else str(self.device),
-                   reuse=reuse, placement=self.placement)
+                   reuse=reuse, placement=self.placement, lora=self.lora)
 
     @contextlib.contextmanager
     def stepping(self):
@@ -73,6 +79,7 @@ class ExpertParallel:
         new = self._build(plan, reuse=self.active)          # new shards load outside the lock: steps go on
         routing = RoutingTable(plan, self.device)
         with self._lock:                                    # between two steps
+            new.sync_lora()                                 # new shards get the resident adapters first
             old = self.active
             old.deactivate()
             new.activate()
@@ -80,6 +87,13 @@ class ExpertParallel:
             self.plans_applied += 1
         old.close(keep=new)
         log.info("placement plan applied: %d shards", len(plan.shards))
+
+    def write_lora(self, slot: int, factors: SlotFactors) -> None:
+        """Adapter slot `slot` now holds `factors` (MoE layer -> weight -> (a [E, r, in], b [E, out, r]) over all
+        the layer's experts, scale folded into b); every shard holds its experts' share when this returns."""
+        with self._lock:
+            self.lora.put(slot, factors)
+            self.active.write_lora(slot)
 
     def keys_read(self) -> list[list[str]]:
         return self.active.keys_read()

@@ -9,6 +9,10 @@ as a Ray actor (restarted by Ray when it dies; it reloads its experts) and excha
 `CollectiveShards` places the same actors but moves rows over a gloo group formed among router (rank 0) and shards:
 Ray passes the rendezvous and supervises. A failed exchange raises `ShardFailure`; `recover` waits for every shard
 to answer again (and re-forms the group). Sets built for a new plan reuse the actors whose experts did not change.
+Per-request adapters: the rows' adapter slots travel with the rows (`slots` [N], None when no adapters are bound);
+`write_lora(slot)` writes what the router's `AdapterSlots` holds for a slot to every shard (only its experts), and
+`sync_lora()` sends each shard the slots it lacks (a restarted or new shard): `recover` does it before the layer
+is sent again, and a re-plan before the new set serves.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from raymoe.platform.config import ParallelConfig
 from raymoe.platform.parallel.plan import PlacementPlan
 from raymoe.platform.parallel.shard import (HEADER_BYTES, OP_COMPUTE, OP_RESIZE, OP_STOP, ExpertShard, control,
                                             message_bytes, pack)
+from raymoe.platform.parallel.shard_lora import AdapterSlots, MissingLora
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +61,26 @@ class LocalShards:
     """Every shard an in-process ExpertShard: `send` computes at once."""
 
     def __init__(self, path: str, plan: PlacementPlan, cfg: ParallelConfig, dtype: str, device: str,
-                 reuse: "LocalShards | None" = None, placement=None) -> None:
-        self.plan = plan
+                 reuse: "LocalShards | None" = None, placement=None, lora: AdapterSlots | None = None) -> None:
+        self.plan, self.lora = plan, lora or AdapterSlots(0, 0)
         old = {_key(s): sh for s, sh in zip(reuse.plan.shards, reuse.shards)} if reuse else {}
-        self.shards = [old.get(_key(s)) or ExpertShard(path, s.experts, dtype, device) for s in plan.shards]
+        self.shards = [old.get(_key(s)) or ExpertShard(path, s.experts, dtype, device, None, self.lora.max_loras,
+                                                       self.lora.max_rank) for s in plan.shards]
 
-    def send(self, layer: int, x, ids, w, owner, hit: list[int]):
-        return [self.shards[s].compute(layer, x, mine(ids, owner, s), w) for s in hit]
+    def send(self, layer: int, x, ids, w, owner, hit: list[int], slots=None):
+        return [self.shards[s].compute(layer, x, mine(ids, owner, s), w, slots) for s in hit]
 
     def wait(self, handle) -> torch.Tensor:
         return combine(handle)
+
+    def write_lora(self, slot: int) -> None:
+        for sh, s in zip(self.shards, self.plan.shards):
+            sh.write_lora(slot, *self.lora.for_shard(slot, s.experts))
+
+    def sync_lora(self) -> None:
+        for sh, s in zip(self.shards, self.plan.shards):
+            for slot in self.lora.missing(sh.held_lora()):
+                sh.write_lora(slot, *self.lora.for_shard(slot, s.experts))
 
     def activate(self) -> None: ...
     def deactivate(self) -> None: ...
@@ -84,9 +99,9 @@ class RayShards:
     """Every shard a Ray actor (`ExpertShard` remote, restarted forever by Ray); rows travel as actor calls."""
 
     def __init__(self, path: str, plan: PlacementPlan, cfg: ParallelConfig, dtype: str, device: str,
-                 reuse: "RayShards | None" = None, placement=None) -> None:
+                 reuse: "RayShards | None" = None, placement=None, lora: AdapterSlots | None = None) -> None:
         import ray
-        self.plan, self.cfg = plan, cfg
+        self.plan, self.cfg, self.lora = plan, cfg, lora or AdapterSlots(0, 0)
         self.shard_device = "cuda" if cfg.gpus_per_shard > 0 else "cpu"
         self.placement = placement
         old = ({_key(s): (a, b) for s, a, b in zip(reuse.plan.shards, reuse.actors, reuse.bundles)}
@@ -102,7 +117,8 @@ class RayShards:
                     opts.update(extra)
                 threads = max(1, int(cfg.cpus_per_shard)) if self.shard_device == "cpu" else None
                 actor = ray.remote(ExpertShard).options(**opts).remote(path, s.experts, dtype, self.shard_device,
-                                                                        threads)
+                                                                        threads, self.lora.max_loras,
+                                                                        self.lora.max_rank)
             self.actors.append(actor)
             self.bundles.append(bundle)
         try:                                                       # loaded (raises if a shard cannot load)
@@ -112,10 +128,10 @@ class RayShards:
             raise RuntimeError(f"expert shards did not start within {cfg.shard_start_timeout_s:g} s (not enough "
                                f"free resources for {len(self.actors)} shards?)") from None
 
-    def send(self, layer: int, x, ids, w, owner, hit: list[int]):
-        import ray
+    def send(self, layer: int, x, ids, w, owner, hit: list[int], slots=None):
         xc, idc, wc, oc = x.cpu(), ids.cpu(), w.cpu(), owner.cpu()
-        return [(s, self.actors[s].compute.remote(layer, xc, mine(idc, oc, s), wc)) for s in hit], x.device
+        sc = None if slots is None else slots.cpu()
+        return [(s, self.actors[s].compute.remote(layer, xc, mine(idc, oc, s), wc, sc)) for s in hit], x.device
 
     def wait(self, handle) -> torch.Tensor:
         import ray
@@ -124,15 +140,49 @@ class RayShards:
         for shard, ref in refs:
             try:
                 ys.append(ray.get(ref))
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                raise ShardFailure(shard, e) from e
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, MissingLora) as e:
+                raise ShardFailure(shard, e) from e          # (MissingLora: restarted between two steps)
         return combine(ys).to(device, non_blocking=True)
 
     def activate(self) -> None: ...
     def deactivate(self) -> None: ...
 
+    def write_lora(self, slot: int) -> None:
+        """Every live shard gets `slot`'s factors before this returns; a dead one gets them when it is back
+        (`sync_lora` in `recover`), and until then refuses rows of that slot (MissingLora)."""
+        import ray
+        refs = [a.write_lora.remote(slot, *self.lora.for_shard(slot, s.experts))
+                for a, s in zip(self.actors, self.plan.shards)]
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                log.warning("adapter slot %d not written to expert shard %d (%s): sent when it is back", slot, i,
+                            str(e).splitlines()[0])
+
+    def sync_lora(self) -> None:
+        """Send each shard the slots it lacks (all of them after a restart; none for a shard that kept them)."""
+        import ray
+        if not self.lora.slots:
+            return
+        held = ray.get([a.held_lora.remote() for a in self.actors])
+        refs = [a.write_lora.remote(slot, *self.lora.for_shard(slot, s.experts))
+                for a, s, h in zip(self.actors, self.plan.shards, held) for slot in self.lora.missing(h)]
+        ray.get(refs)
+
     def recover(self, deadline: float) -> None:
-        """Wait until every shard answers (Ray restarts a dead one, which reloads its experts)."""
+        """Wait until every shard answers (Ray restarts a dead one, which reloads its experts), then send the
+        shards the adapter slots they lack."""
+        import ray
+        while True:
+            self._answering(deadline)
+            try:
+                self.sync_lora()
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                log.warning("re-sending adapters to the expert shards: %s", str(e).splitlines()[0])
+
+    def _answering(self, deadline: float) -> None:
         import ray
         for i, a in enumerate(self.actors):
             while True:
@@ -215,7 +265,7 @@ class CollectiveShards(RayShards):
     def _size(self, n: int) -> int:
         return message_bytes(n, self._h, self._k, self._dtype) if n else HEADER_BYTES
 
-    def send(self, layer: int, x, ids, w, owner, hit: list[int]):
+    def send(self, layer: int, x, ids, w, owner, hit: list[int], slots=None):
         import torch.distributed as dist
         if not self.active or self.broken:
             raise ShardFailure(hit[0], "the collective group is down")
@@ -223,7 +273,7 @@ class CollectiveShards(RayShards):
         self._h, self._k, self._dtype = x.shape[1], k, x.dtype
         shard = hit[0]
         try:
-            msg = pack(OP_COMPUTE, layer, x, ids, w, owner)
+            msg = pack(OP_COMPUTE, layer, x, ids, w, owner, slots)
             ys = torch.empty(len(hit), n, x.shape[1], dtype=x.dtype)
             works = [(s, dist.irecv(ys[j], src=s + 1)) for j, s in enumerate(hit)]
             sent = [msg]

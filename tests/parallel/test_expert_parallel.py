@@ -125,7 +125,7 @@ def test_cuda_piecewise_graphs_with_remote_experts_match_eager(tiny_ckpt_fp32):
     # a whole-step capture refuses a model with remote experts, and the remote call refuses any capture
     with pytest.raises(RuntimeError, match="refusing to capture"):
         DecodeGraphs(eager.model, eager.runner.caches, 16, [1], scratch_block=0, max_blocks=8)._capture(
-            False, 1, 1, 8)
+            False, 1, 1, 8, False)
     moe = graphed.model.moe_layers()[0]
     cfg = graphed.model.config
     x = torch.zeros(1, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")

@@ -1,18 +1,19 @@
 """An app whose model replicas put their routed experts on 2 shards (Ray actors in the replica's placement group)
-answers over HTTP exactly as the single-process app does."""
+answers over HTTP exactly as the single-process app does, LoRA adapters served by name included (the session's
+adapter root: the main app serves the same adapters in one process)."""
 from __future__ import annotations
 
 import pytest
 
-from serve_helpers import app_args, deploy
+from serve_helpers import LORA_MAX_RANK, app_args, deploy, make_adapter
 
 
 @pytest.fixture(scope="module")
-def sharded(serve_http, tiny_ckpt_fp32):
+def sharded(serve_http, tiny_ckpt_fp32, lora_root):
     from ray import serve
     app = deploy(serve_http, "ep2", "/ep2", app_args(
-        tiny_ckpt_fp32, ep=2, num_cpus=0.25, engine={"num_blocks": 256, "block_size": 16, "max_num_seqs": 16,
-                                                     "parallel": {"cpus_per_shard": 0.25}}))
+        tiny_ckpt_fp32, ep=2, num_cpus=0.25, lora_root=str(lora_root), max_loras=2, max_lora_rank=LORA_MAX_RANK,
+        engine={"num_blocks": 256, "block_size": 16, "max_num_seqs": 16, "parallel": {"cpus_per_shard": 0.25}}))
     yield app
     serve.delete(app.app)
 
@@ -28,3 +29,28 @@ def test_same_greedy_answer_with_two_expert_shards(served, sharded):
                                                temperature=0)
     base = served.client().completions.create(model=served.name, prompt=[5, 6, 7, 8], max_tokens=16, temperature=0)
     assert text.choices[0].text == base.choices[0].text
+
+
+@pytest.fixture(scope="module")
+def ep_adapters(lora_root, tiny_ckpt_fp32) -> list[str]:
+    """Two adapters under the session's adapter root, both on routed experts (one on nothing else)."""
+    make_adapter(tiny_ckpt_fp32, lora_root / "ep-experts", ["routed_experts"], seed=21)
+    make_adapter(tiny_ckpt_fp32, lora_root / "ep-all", ["all"], seed=22)
+    return ["ep-experts", "ep-all"]
+
+
+def test_adapters_by_name_over_two_expert_shards(served, sharded, ep_adapters):
+    """`model="<adapter>"` through the official client: the sharded app's greedy answer is the single-process
+    app's for every adapter and the base, and the adapters change it (the expert-only one too)."""
+    msgs = [{"role": "user", "content": "Tell me about adapters."}]
+    answers = {}
+    for model in [*ep_adapters, None]:
+        for s in (served, sharded):
+            out = s.client(timeout=120).chat.completions.create(
+                model=model or s.name, messages=msgs, max_tokens=16, temperature=0,
+                extra_body={"ignore_eos": True})
+            assert out.usage.completion_tokens == 16
+            answers[model, s.app] = out.choices[0].message.content
+        assert answers[model, sharded.app] == answers[model, served.app], model
+    assert len({answers[m, sharded.app] for m in [*ep_adapters, None]}) == 3
+    assert {*ep_adapters, sharded.name} <= {m.id for m in sharded.client().models.list().data}
