@@ -196,6 +196,16 @@ class _Combine(torch.autograd.Function):
         return dy, dw, None, None, None
 
 
+GATHER_LORA_PAIRS = 1024   # CPU inference: per-row expert LoRA gathers each pair's factors up to this many pairs
+
+
+def _per_row(lora: dict[str, ExpertLora] | None) -> dict[str, ExpertLora] | None:
+    """`lora` if it is per-row (every factor carries the rows' adapter slots), else None."""
+    if lora and all(f.slots is not None for f in lora.values()):
+        return lora
+    return None
+
+
 class RoutedExperts(nn.Module):
     """Some experts of one MoE layer, stacked: gate_up_proj [E, 2I, H], down_proj [E, H, I]. Either the range
     [first, first + count), or any sorted `expert_ids` (an expert-parallel shard's share under a placement plan).
@@ -225,12 +235,13 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
                 lora: dict[str, ExpertLora] | None = None) -> torch.Tensor:
         # x: [N, H]; topk_ids/topk_w: [N, k] (global expert ids) -> [N, H] sum over the held experts
-        if self._grouped_ok(x, lora):
+        rows = _per_row(lora) if topk_ids.numel() <= GATHER_LORA_PAIRS else None
+        if self._grouped_ok(x, lora, gather_lora=rows is not None):
             return self._grouped(x, topk_ids, topk_w, lora)
-        if not torch.is_grad_enabled() and not lora:
+        if not torch.is_grad_enabled() and (not lora or rows is not None):
             if topk_ids.numel() <= 16 and self.count == self.n_total and self._table is None:
-                return self._gathered(x, topk_ids, topk_w)
-            return self._padded(x, topk_ids, topk_w)
+                return self._gathered(x, topk_ids, topk_w, rows)
+            return self._padded(x, topk_ids, topk_w, rows)
         return self._loop(x, topk_ids, topk_w, lora)
 
     def _local(self, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,9 +255,11 @@ class RoutedExperts(nn.Module):
             local = self._table[topk_ids.flatten()]
         return local, (local >= 0) & (local < self.count)
 
-    def _padded(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    def _padded(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+                lora: dict[str, ExpertLora] | None = None) -> torch.Tensor:
         """Many tokens without autograd (CPU inference): rows sorted by expert into an [E, max_rows, H] buffer,
-        two batched products for all experts at once. A dozen ops instead of a few per expert."""
+        two batched products for all experts at once. A dozen ops instead of a few per expert. Per-row LoRA
+        (`lora`: factors with slots) adds each pair's own factors, gathered (`_pair_lora`)."""
         k = topk_ids.shape[1]
         local, held = self._local(topk_ids)
         pick = held.nonzero().squeeze(1)
@@ -259,33 +272,61 @@ class RoutedExperts(nn.Module):
         starts = counts.cumsum(0) - counts
         slot = torch.arange(e.numel(), device=x.device) - starts[e]            # row within its expert's group
         rows = pick // k
+        xr = x[rows]                                                            # [A, H] each pair's token
         buf = x.new_zeros(self.count, int(counts.max()), x.shape[1])
-        buf[e, slot] = x[rows]
-        act = fused.swiglu(torch.bmm(buf, self.gate_up_proj.transpose(1, 2)))               # [E, M, I]
-        y = torch.bmm(act, self.down_proj.transpose(1, 2))[e, slot]                    # [A, H]
+        buf[e, slot] = xr
+        h = torch.bmm(buf, self.gate_up_proj.transpose(1, 2))[e, slot]                 # [A, 2I]
+        if lora and "gate_up_proj" in lora:
+            h += self._pair_lora(lora["gate_up_proj"], xr, rows, e)
+        act = fused.swiglu(h)                                                           # [A, I]
+        buf = act.new_zeros(self.count, buf.shape[1], act.shape[1])
+        buf[e, slot] = act
+        y = torch.bmm(buf, self.down_proj.transpose(1, 2))[e, slot]                    # [A, H]
+        if lora and "down_proj" in lora:
+            y += self._pair_lora(lora["down_proj"], act, rows, e)
         return torch.zeros_like(x).index_add_(0, rows, y * topk_w.flatten()[pick].to(x.dtype)[:, None])
 
-    def _gathered(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    def _gathered(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+                  lora: dict[str, ExpertLora] | None = None) -> torch.Tensor:
         """A few tokens (CPU decode): gather the chosen experts' weights and run two batched products, instead of
         a dozen small per-expert calls. Copies k expert matrices per token, so only for tiny batches."""
         N, k = topk_ids.shape
         ids = topk_ids.flatten().clamp(min=0)                                           # id -1: weight 0 below
-        xs = x.repeat_interleave(k, dim=0)[:, :, None]                                  # [N*k, H, 1]
-        act = fused.swiglu(torch.bmm(self.gate_up_proj[ids], xs).squeeze(-1))               # [N*k, I]
+        rows = torch.arange(N, device=x.device).repeat_interleave(k)                    # [N*k] each pair's token
+        xs = x.index_select(0, rows)                                                    # [N*k, H]
+        h = torch.bmm(self.gate_up_proj[ids], xs[:, :, None]).squeeze(-1)               # [N*k, 2I]
+        if lora and "gate_up_proj" in lora:
+            h += self._pair_lora(lora["gate_up_proj"], xs, rows, ids)
+        act = fused.swiglu(h)                                                           # [N*k, I]
         y = torch.bmm(self.down_proj[ids], act[:, :, None]).squeeze(-1)                # [N*k, H]
+        if lora and "down_proj" in lora:
+            y += self._pair_lora(lora["down_proj"], act, rows, ids)
         w = torch.where(topk_ids >= 0, topk_w, 0).to(x.dtype)
         return (y.view(N, k, -1) * w[..., None]).sum(1)
 
-    def _grouped_ok(self, x: torch.Tensor, lora: dict[str, ExpertLora] | None = None) -> bool:
+    def _pair_lora(self, f: ExpertLora, x: torch.Tensor, rows: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Per-row LoRA of (token, expert) pairs, each with its own factors gathered (a few pairs: CPU decode).
+        x: [A, in] the pairs' inputs; rows: [A] their tokens; e: [A] local expert -> [A, out] (0: no adapter)."""
+        slot = f.slots.index_select(0, rows)                                           # [A], -1: base
+        g = (slot.clamp(min=0) * self.count + e)                                       # [A] stack index
+        low = torch.bmm(f.a.index_select(0, g).to(x.dtype), x[:, :, None])             # [A, R, 1]
+        out = torch.bmm(f.b.index_select(0, g).to(x.dtype), low).squeeze(-1)           # [A, out]
+        return out * (slot >= 0).to(x.dtype)[:, None] * f.scale
+
+    def _grouped_ok(self, x: torch.Tensor, lora: dict[str, ExpertLora] | None = None,
+                    gather_lora: bool = False) -> bool:
         """Grouped GEMM: CUDA bf16 (static shapes, no host sync: CUDA-graph safe), or the CPU when training or with
-        LoRA, where torch has the kernel for the dtype; 16-byte-aligned rows."""
+        LoRA, where torch has the kernel for the dtype; 16-byte-aligned rows. `gather_lora`: per-row LoRA over a few
+        (token, expert) pairs at inference, where gathering each pair's factors beats the CPU kernel (a loop of
+        GEMMs with a host sync per group, over S x E groups)."""
         if not hasattr(torch, "_grouped_mm"):
             return False
         if x.is_cuda:
             if x.dtype != torch.bfloat16:
                 return False   # CUDA's grouped GEMM takes bf16 (and has a backward: training uses it too)
-        elif x.device.type != "cpu" or not (torch.is_grad_enabled() or lora) or not _cpu_grouped_mm(x.dtype):
-            return False       # CPU inference keeps _gathered / _padded
+        elif (x.device.type != "cpu" or not (torch.is_grad_enabled() or (lora and not gather_lora))
+              or not _cpu_grouped_mm(x.dtype)):
+            return False       # CPU inference (per-row LoRA of a few pairs too) keeps _gathered / _padded
         align = 16 // x.element_size()
         return x.shape[1] % align == 0 and self.down_proj.shape[2] % align == 0
 

@@ -37,6 +37,46 @@ def test_grouped_experts_equal_loop(tiny_ckpt_fp32):
         assert (part._padded(x, ids, w) - part._loop(x, ids, w)).abs().max() < 1e-5
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
+def test_per_row_expert_lora_paths_agree(tiny_ckpt_fp32):
+    """Per-row adapters on routed experts (slots; -1 = base): CPU inference gathers each (token, expert) pair's
+    factors in the padded and gathered paths; they equal the grouped GEMM over (slot, expert) groups, also on a
+    shard holding some of the experts; forward() on a decode-sized batch gives the same."""
+    from raymoe.platform.model import RoutedExperts
+    from raymoe.platform.model.moe import ExpertLora
+    cpu = from_pretrained(tiny_ckpt_fp32, dtype=torch.float32)
+    experts = cpu.model.layers[1].mlp.experts
+    gate = cpu.model.layers[1].mlp.gate
+    g = torch.Generator().manual_seed(3)
+    N, S, R = 37, 3, 8
+    x = torch.randn(N, cpu.config.hidden_size, generator=g)
+    slots = torch.randint(-1, S, (N,), generator=g)
+
+    def stacks(ex: RoutedExperts) -> dict[str, ExpertLora]:
+        out = {}
+        for name in ("gate_up_proj", "down_proj"):
+            _, o, i = getattr(ex, name).shape
+            out[name] = ExpertLora(torch.randn(S * ex.count, R, i, generator=g) * 0.2,
+                                   torch.randn(S * ex.count, o, R, generator=g) * 0.2, 1.0, slots)
+        return out
+
+    with torch.no_grad():
+        ids, w, _ = gate(x)
+        lora = stacks(experts)
+        ref = experts._grouped(x, ids, w, lora)
+        assert (ref - experts._grouped(x, ids, w)).abs().max() > 1e-3          # the adapters change the output
+        assert (experts._padded(x, ids, w, lora) - ref).abs().max() < 1e-5
+        few = {n: ExpertLora(f.a, f.b, f.scale, slots[:3]) for n, f in lora.items()}
+        assert (experts._gathered(x[:3], ids[:3], w[:3], few) - experts._grouped(x[:3], ids[:3], w[:3], few)
+                ).abs().max() < 1e-5
+        assert (experts(x, ids, w, lora=lora) - ref).abs().max() < 1e-5         # forward: the padded path
+        part = RoutedExperts(cpu.config, 4, 8)
+        part.gate_up_proj.copy_(experts.gate_up_proj[4:12])
+        part.down_proj.copy_(experts.down_proj[4:12])
+        plora = stacks(part)
+        assert (part._padded(x, ids, w, plora) - part._grouped(x, ids, w, plora)).abs().max() < 1e-5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decode_equals_eager(tiny_ckpt):
     eager, graphs = _eager_and_graphs(tiny_ckpt, prompts(12, (5, 19, 33, 8, 12)))
