@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 class ExpertParallel:
     def __init__(self, path: str, model: DeepseekV3ForCausalLM, cfg: ParallelConfig,
-                 placement_group=None) -> None:
-        self.path, self.cfg = str(path), cfg
+                 placement_group=None, quantization: str = "none") -> None:
+        # quantization: the engine's (EngineConfig.quantization); each shard applies it on its own device
+        self.path, self.cfg, self.quantization = str(path), cfg, quantization
         p = next(model.parameters())
         self.device, self.dtype = p.device, str(p.dtype).removeprefix("torch.")
         self.layers = [m.layer for m in model.moe_layers()]
@@ -59,7 +60,7 @@ class ExpertParallel:
     def _build(self, plan: PlacementPlan, reuse=None):
         cls = SHARD_SETS[self.cfg.transport]
         return cls(self.path, plan, self.cfg, self.dtype, "cpu" if self.device.type == "cpu" else str(self.device),
-                   reuse=reuse, placement=self.placement)
+                   reuse=reuse, placement=self.placement, quantization=self.quantization)
 
     @contextlib.contextmanager
     def stepping(self):

@@ -59,7 +59,9 @@ def unpack(buf: torch.Tensor, n: int, h: int, k: int, dtype: torch.dtype):
 
 class ExpertShard:
     def __init__(self, path: str, experts: dict[int, list[int]], dtype: str = "float32",
-                 device: str = "cpu", threads: int | None = None) -> None:
+                 device: str = "cpu", threads: int | None = None, quantization: str = "none") -> None:
+        # quantization: EngineConfig.quantization, applied on this shard's device (FP8 experts stay FP8 on CUDA
+        # under "auto", as the router's own weights do)
         from raymoe.platform.checkpoint.experts import load_experts
         from raymoe.platform.config import ModelConfig
         if threads:
@@ -67,7 +69,7 @@ class ExpertShard:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         held = {layer: ids for layer, ids in experts.items() if ids}
-        self.experts, self._keys = load_experts(path, held, self.dtype, self.device)
+        self.experts, self._keys = load_experts(path, held, self.dtype, self.device, quantization=quantization)
         self.hidden = ModelConfig.from_pretrained(path).hidden_size
         self._collective = threading.Lock()       # one data-plane loop at a time
 

@@ -56,10 +56,11 @@ class LocalShards:
     """Every shard an in-process ExpertShard: `send` computes at once."""
 
     def __init__(self, path: str, plan: PlacementPlan, cfg: ParallelConfig, dtype: str, device: str,
-                 reuse: "LocalShards | None" = None, placement=None) -> None:
+                 reuse: "LocalShards | None" = None, placement=None, quantization: str = "none") -> None:
         self.plan = plan
         old = {_key(s): sh for s, sh in zip(reuse.plan.shards, reuse.shards)} if reuse else {}
-        self.shards = [old.get(_key(s)) or ExpertShard(path, s.experts, dtype, device) for s in plan.shards]
+        self.shards = [old.get(_key(s)) or ExpertShard(path, s.experts, dtype, device, quantization=quantization)
+                       for s in plan.shards]
 
     def send(self, layer: int, x, ids, w, owner, hit: list[int]):
         return [self.shards[s].compute(layer, x, mine(ids, owner, s), w) for s in hit]
@@ -84,7 +85,7 @@ class RayShards:
     """Every shard a Ray actor (`ExpertShard` remote, restarted forever by Ray); rows travel as actor calls."""
 
     def __init__(self, path: str, plan: PlacementPlan, cfg: ParallelConfig, dtype: str, device: str,
-                 reuse: "RayShards | None" = None, placement=None) -> None:
+                 reuse: "RayShards | None" = None, placement=None, quantization: str = "none") -> None:
         import ray
         self.plan, self.cfg = plan, cfg
         self.shard_device = "cuda" if cfg.gpus_per_shard > 0 else "cpu"
@@ -102,7 +103,7 @@ class RayShards:
                     opts.update(extra)
                 threads = max(1, int(cfg.cpus_per_shard)) if self.shard_device == "cpu" else None
                 actor = ray.remote(ExpertShard).options(**opts).remote(path, s.experts, dtype, self.shard_device,
-                                                                        threads)
+                                                                        threads, quantization)
             self.actors.append(actor)
             self.bundles.append(bundle)
         try:                                                       # loaded (raises if a shard cannot load)
