@@ -170,6 +170,9 @@ def test_multi_lora_on_an_fp8_base_equals_dequantised_base(tiny_ckpt_fp8, tmp_pa
             eng.close()
     assert out["fp8"] == out["none"]
     assert out["fp8"][:2] != out["fp8"][2:]                       # the adapter changes the tokens
+    from raymoe.platform.checkpoint.adapter import apply_adapter
+    with pytest.raises(CheckpointError, match="cannot merge into .* held in FP8"):   # merged: refused, not corrupted
+        apply_adapter(load_model(tiny_ckpt_fp8, dtype=torch.float32, quantization="fp8"), ad)
 
 
 @pytest.mark.slow
