@@ -1,15 +1,18 @@
 """Load a Hugging Face DeepSeek-V3 checkpoint into raymoe's model.
 
 Builds the model on the meta device, allocates it on the target device and dtype, and fills every parameter from
-the checkpoint: FP8 weights are dequantised block-wise, per-expert tensors are stacked, MTP layer tensors are
-mapped, and only the routed experts of `experts_range` are read (an expert-parallel shard never touches the bytes
+the checkpoint: FP8 weights are dequantised block-wise or, by `quantization` (`keeps_fp8`), kept as stored with
+their block scales (the linears of `model/fp8.fp8_linear_names` become `Fp8Linear`s, the routed-expert stacks FP8;
+kv_b_proj is always dequantised), per-expert tensors are stacked, MTP layer tensors are mapped, and only the routed experts of `experts_range` are read (an expert-parallel shard never touches the bytes
 of other experts). Routed experts may be stored per expert (the release) or fused (transformers'
 `save_original_format=False`). A checkpoint with no MTP tensors at all (transformers' `save_pretrained`) loads
 without MTP; anything else missing or mis-shaped raises `CheckpointError` naming the tensor.
 
 `load_format="dummy"` reads config.json only (no safetensors file is opened, none need exist) and fills the
 model with random weights of the real shapes and dtypes, made directly on the target device by the tiny
-checkpoints' init rule (`tiny.random_init`): for memory, speed and plumbing runs of full-size models.
+checkpoints' init rule (`tiny.random_init`): for memory, speed and plumbing runs of full-size models. With
+`quantization="fp8"` (or a config declaring FP8 and "auto" on CUDA) those weights are made in FP8 with block scales,
+exactly the layout an FP8 checkpoint loads into.
 """
 from __future__ import annotations
 
