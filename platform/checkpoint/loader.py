@@ -3,8 +3,9 @@
 Builds the model on the meta device, allocates it on the target device and dtype, and fills every parameter from
 the checkpoint: FP8 weights are dequantised block-wise or, by `quantization` (`keeps_fp8`), kept as stored with
 their block scales (the linears of `model/fp8.fp8_linear_names` become `Fp8Linear`s, the routed-expert stacks FP8;
-kv_b_proj is always dequantised), per-expert tensors are stacked, MTP layer tensors are mapped, and only the routed experts of `experts_range` are read (an expert-parallel shard never touches the bytes
-of other experts). Routed experts may be stored per expert (the release) or fused (transformers'
+kv_b_proj is always dequantised), per-expert tensors are stacked, MTP layer tensors are mapped, and only the
+routed experts of `experts_range` are read (an expert-parallel shard never touches the bytes of other experts).
+Routed experts may be stored per expert (the release) or fused (transformers'
 `save_original_format=False`). A checkpoint with no MTP tensors at all (transformers' `save_pretrained`) loads
 without MTP; anything else missing or mis-shaped raises `CheckpointError` naming the tensor.
 

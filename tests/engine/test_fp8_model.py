@@ -3,7 +3,7 @@ with their block scales and computes the same logits and greedy tokens as the sa
 (`none`) — exactly in fp32 on the CPU, where the FP8 forward dequantises per call; `auto` dequantises on the CPU;
 expert shards and multi-LoRA compose; dummy+fp8 makes FP8 weights of the real shapes; bad combinations fail clearly.
 
-On a GPU (RAYMOE_TEST_DEVICE=cuda, Triton) the Triton FP8 GEMMs serve the same model: logits within FP8/bf16 error
+On a GPU (with Triton) the Triton FP8 GEMMs serve the same model: logits within FP8/bf16 error
 of the dequantised path, greedy tokens agreeing on most steps (the agreement is printed), CUDA graphs equal eager
 (MTP and multi-LoRA too). The kernel paths of the model also run on the CPU under TRITON_INTERPRET=1.
 """
@@ -26,8 +26,8 @@ from engine_helpers import greedy_reference, prompts
 from lora_helpers import make_adapter
 
 DEVICE = os.environ.get("RAYMOE_TEST_DEVICE", "cpu")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or DEVICE != "cuda",
-                                reason="the Triton FP8 path needs a CUDA GPU (RAYMOE_TEST_DEVICE=cuda)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not kernels.triton_available(),
+                                reason="the Triton FP8 path needs a CUDA GPU with Triton")
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 # Dims where the FP8 blocks matter: several 128 x 128 blocks per matrix, moe_intermediate_size % 128 == 0 (gate and
 # up in one grouped launch); the default tiny preset (I = 32) runs gate and up apart.
@@ -82,6 +82,11 @@ def test_fp8_on_cpu_holds_float8_and_equals_dequantised(tiny_ckpt_fp8):
     scales = sum(p.numel() for n, p in q.named_parameters() if n.endswith("_scale_inv"))
     assert n8 > 0
     assert _weight_bytes(q) == _weight_bytes(ref) - 3 * n8 + 4 * scales
+    # dtype casts leave FP8 weights and scales as they are (model.to / .float), device moves take them along
+    q16 = load_model(tiny_ckpt_fp8, dtype=torch.float32, quantization="fp8").to(torch.bfloat16).float().to("cpu")
+    assert q16.model.embed_tokens.weight.dtype == torch.float32 and holds_fp8(q16)
+    a, b = q16.model.layers[2].mlp.experts, q.model.layers[2].mlp.experts
+    assert torch.equal(a.down_proj_scale_inv, b.down_proj_scale_inv) and a.down_proj.dtype == FP8_DTYPE
     # the same numbers: the per-call dequantisation is the load-time one
     ids = torch.tensor(prompts(1, (13, 13)))
     with torch.no_grad():
@@ -239,13 +244,13 @@ def test_bad_combinations_fail_clearly(tiny_ckpt, tiny_ckpt_fp8):
 # ---- the Triton path: a GPU, or Triton's interpreter on the CPU ----------------------------------------------------
 
 def _kernel_device():
-    if torch.cuda.is_available() and DEVICE == "cuda":
+    if torch.cuda.is_available() and kernels.triton_available():
         return "cuda"
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" and kernels.triton_available() else None
 
 
-@pytest.mark.skipif(_kernel_device() is None, reason="needs a CUDA GPU (RAYMOE_TEST_DEVICE=cuda), or "
-                    "TRITON_INTERPRET=1 for a development run of the kernels on the CPU")
+@pytest.mark.skipif(_kernel_device() is None, reason="needs a CUDA GPU with Triton, or TRITON_INTERPRET=1 for a "
+                    "development run of the kernels on the CPU")
 @pytest.mark.parametrize("which", ["tiny", "wide"])
 def test_fp8_kernel_forward_within_fp8_error_of_dequantised(tiny_ckpt_fp8, fp8_wide, which, monkeypatch):
     dev = _kernel_device()
