@@ -279,6 +279,27 @@ def test_fp8_kernel_forward_within_fp8_error_of_dequantised(tiny_ckpt_fp8, fp8_w
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.7
 
 
+@pytest.mark.skipif(_kernel_device() != "cpu", reason="a development run of the engine's kernel paths on the CPU: "
+                    "TRITON_INTERPRET=1 (on a GPU the tests below cover them)")
+def test_fp8_engine_kernel_paths_in_the_interpreter(fp8_wide, monkeypatch):
+    """Every kernel of a decode and MTP step (FP8 linears, grouped FP8 experts, paged MLA decode) run by Triton's
+    interpreter gives the tokens of the same FP8 weights dequantised per call to bf16, up to bf16 rounding (the
+    kernels apply the fp32 block scales to fp32 sums: the two part late, if at all)."""
+    monkeypatch.setattr(kernels, "enabled", lambda x: kernels._on and kernels.triton_available())
+    ps = prompts(10, (6, 3))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    runs = {}
+    for on in (True, False):
+        with kernels.set_enabled(on):
+            eng = _engine(fp8_wide, dtype="bfloat16", quantization="fp8", num_speculative_tokens=1)
+            try:
+                runs[on] = _tokens(eng, ps, params)
+            finally:
+                eng.close()
+    assert [r[:3] for r in runs[True]] == [r[:3] for r in runs[False]], runs
+    assert _agreement(runs[True], runs[False]) >= 0.75, runs
+
+
 def _agreement(runs: list[list[int]], truth: list[list[int]]) -> float:
     """Share of the steps before each sequence's first token that differs from the truth's (greedy decode parts
     for good after one different token, so later steps compare nothing)."""
