@@ -5,7 +5,7 @@ means W[i, j] = W8[i, j] * S[i // B, j // B]; edge blocks are partial. `dequanti
 convert tensors (the checkpoint loader and writer use them too). `Fp8Linear` holds W8 and S as they are stored and
 computes x W^T with the weight-only Triton GEMM (`kernels.fp8_gemm.fp8_linear`) where `kernels.enabled(x)`, else by
 dequantising per call in PyTorch: slow, but the reference the kernel is checked against and the CPU path.
-`keep_dtypes` makes a module's `.to(dtype)` leave chosen tensors in their dtype (FP8 weights, fp32 scales).
+`keep_dtypes` makes a module's `.to(dtype)` leave its own tensors in their dtypes (FP8 weights, fp32 scales).
 """
 from __future__ import annotations
 
@@ -67,13 +67,14 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-def keep_dtypes(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
-                keep: Callable[[str, torch.Tensor], bool]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`fn` (what nn.Module._apply maps over a module's tensors) changed so that the tensors `keep(name, t)` selects
-    follow device moves and re-allocation (`to_empty`) but never a dtype change (`.to(bf16)`): probed on an empty
-    tensor, a dtype-changing fn is replaced by a plain move for those tensors."""
-    kept = {id(t) for name, t in module.named_parameters(recurse=False) if keep(name, t)}
-    kept |= {id(t) for name, t in module.named_buffers(recurse=False) if keep(name, t)}
+Apply = Callable[[torch.Tensor], torch.Tensor]
+
+
+def keep_dtypes(module: nn.Module, fn: Apply) -> Apply:
+    """`fn` (what nn.Module._apply maps over a module's tensors) changed so that `module`'s own parameters and
+    buffers follow device moves and re-allocation (`to_empty`) but never a dtype change (`.to(bf16)`): probed on an
+    empty tensor, a dtype-changing fn is replaced by a plain move for them. Child modules get `fn` unchanged."""
+    kept = {id(t) for t in module.parameters(recurse=False)} | {id(t) for t in module.buffers(recurse=False)}
 
     def apply(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in kept:
@@ -104,7 +105,7 @@ class Fp8Linear(nn.Module):
         return cls(linear.in_features, linear.out_features, linear.weight.device)
 
     def _apply(self, fn, recurse=True):
-        return super()._apply(keep_dtypes(self, fn, lambda _n, _t: True), recurse)
+        return super()._apply(keep_dtypes(self, fn), recurse)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight dequantised: [out, in] in `dtype`."""

@@ -250,7 +250,7 @@ class RoutedExperts(nn.Module):
     def _apply(self, fn, recurse=True):   # FP8 stacks and their scales keep their dtypes through .to(dtype)
         if not self.fp8:
             return super()._apply(fn, recurse)
-        return super()._apply(keep_dtypes(self, fn, lambda _n, _t: True), recurse)
+        return super()._apply(keep_dtypes(self, fn), recurse)
 
     def fp8_parts(self, name: str, e: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(e4m3 stack [E, N, K], its scales [E, ceil(N/128), ceil(K/128)]) pieces of FP8 weight `name` whose 128-row
