@@ -7,11 +7,15 @@ dynamic cache), in the same run. Sections (--sections, comma list):
   steps     engine steps before (PyTorch attention) / after (kernel), and the transformers peer
   long      8K-128K decode steps before/after through the model runner (random latents in the cache)
   fidelity  raymoe bf16 vs fp32 truth, transformers bf16 vs fp32 truth (fp32 copy of the weights)
-  profile   where a graphed decode step's time goes: the profiler's CUDA kernel table at --profile-batch
+  profile   where a graphed decode step's time goes: the profiler's CUDA kernel table at --profile-batches
+  fp8steps  engine steps of the same model with its block weights and routed experts in FP8 (the bf16 weights
+            block-quantised as the release is) against the bf16 model, each against its own floor (FP8 weights
+            1 byte + block scales); FP8 / bf16 step time at --fp8-batches (target <= 0.6); FP8 logits vs bf16
 
     PYTHONPATH=src python benchmarks/gpu_decode.py --sections kernel,fp8
     PYTHONPATH=src python benchmarks/gpu_decode.py --sections steps [--layers 4] [--prompt 512] [--out DIR]
     PYTHONPATH=src python benchmarks/gpu_decode.py --sections fidelity,long --layers 2
+    PYTHONPATH=src python benchmarks/gpu_decode.py --sections fp8steps --layers 2 [--fp8-batches 1,32]
 
 The floor of a decode step = bytes it must read (every attention/dense/shared weight, the routed experts the batch
 actually selects, the gates, the LM head, the embedding rows, the latent cache) / measured device copy bandwidth.
@@ -108,8 +112,53 @@ def build(layers: int, smoke: bool = False):
     return hf, ours, cfg
 
 
+def fp8_twin(ours, cfg):
+    """The same model with what the release stores in FP8 held in FP8 (model/fp8.py: the block linears but kv_b_proj,
+    and the routed experts), block-quantised on the GPU from `ours`' bf16 weights (gate and up apart, as the
+    checkpoint stores them); every other tensor is `ours`' own (shared, not copied)."""
+    from raymoe.platform.checkpoint.fp8 import quantize_blockwise
+    from raymoe.platform.model import DeepseekV3ForCausalLM
+    from raymoe.platform.model.fp8 import fp8_linear_names, use_fp8
+    with torch.device("meta"):
+        twin = DeepseekV3ForCausalLM(cfg)
+    use_fp8(twin, fp8_linear_names(twin), experts=True)
+    src = dict(ours.named_parameters())
+    src.update(ours.named_buffers())
+    for name, p in list(twin.named_parameters()) + list(twin.named_buffers()):
+        mod_name, _, attr = name.rpartition(".")
+        mod = twin.get_submodule(mod_name)
+        if p.dtype != torch.float8_e4m3fn and not name.endswith("_scale_inv"):
+            if attr in mod._parameters:
+                mod._parameters[attr] = torch.nn.Parameter(src[name], requires_grad=False)
+            else:
+                mod._buffers[attr] = src[name]
+            continue
+        if name.endswith("_scale_inv"):
+            continue                                    # made with its weight
+        w = src[name]
+        stack = w if w.dim() == 3 else w[None]
+        w8 = torch.empty(stack.shape, dtype=torch.float8_e4m3fn, device=w.device)
+        halves = 2 if attr == "gate_up_proj" else 1
+        parts8, parts_s = [], []
+        for e in range(stack.shape[0]):
+            qs = [quantize_blockwise(h) for h in stack[e].chunk(halves, dim=0)]
+            w8[e] = torch.cat([q for q, _ in qs])
+            parts_s.append(torch.cat([s for _, s in qs]))
+        scales = torch.stack(parts_s)
+        if w.dim() == 2:
+            w8, scales = w8[0], scales[0]
+        mod._parameters[attr] = torch.nn.Parameter(w8, requires_grad=False)
+        mod._parameters[f"{attr}_scale_inv"] = torch.nn.Parameter(scales, requires_grad=False)
+    twin.eval()
+    return twin
+
+
 def weight_bytes(ours, cfg, unique_experts: float, batch: int, ctx: int) -> float:
-    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    """Bytes a decode step must read; FP8 weights count 1 byte per value plus their fp32 block scales."""
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    fp8 = bool(ours.moe_layers()) and ours.moe_layers()[0].experts.fp8
+    blocks = 2 * -(-I // 128) * -(-H // 128) + -(-H // 128) * -(-I // 128)
+    per_expert = 3 * H * I + 4 * blocks if fp8 else 3 * H * I * 2
     total = 0
     for name, p in ours.named_parameters():
         if ".experts." in name:
@@ -485,15 +534,53 @@ def bench_steps(hf, ours, cfg, bw: float, batches: list[int], prompt: int, steps
     return rows
 
 
+def bench_fp8_steps(ours, cfg, bw: float, batches: list[int], prompt: int, steps: int) -> list[dict]:
+    """The same model's engine steps with bf16 weights and with FP8 weights (`fp8_twin`), each against its own
+    floor, in the same run; and how far the FP8 model's logits are from the bf16 model's."""
+    t = time.perf_counter()
+    twin = fp8_twin(ours, cfg)
+    n8 = sum(p.numel() for p in twin.parameters() if p.dtype == torch.float8_e4m3fn)
+    print(f"quantised {n8 / 1e9:.2f}B weights to FP8 in {time.perf_counter() - t:.0f}s", flush=True)
+    ids = torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)).to(DEV)
+    with torch.no_grad():
+        l16, l8 = ours(ids).float(), twin(ids).float()
+    rel = ((l8 - l16).norm() / l16.norm()).item()
+    agree = (l8.argmax(-1) == l16.argmax(-1)).float().mean().item()
+    print(f"FP8 vs bf16 logits ({cfg.num_hidden_layers} layers, 64 tokens): {rel:.3f} rel err, argmax agreement "
+          f"{agree:.2f}", flush=True)
+    rows = []
+    for B in batches:
+        t16, u16 = bench_ours(ours, cfg, B, prompt, steps)
+        t8, u8 = bench_ours(twin, cfg, B, prompt, steps)
+        f16 = weight_bytes(ours, cfg, u16, B, prompt + steps) / bw
+        f8 = weight_bytes(twin, cfg, u8, B, prompt + steps) / bw
+        rows.append(dict(batch=B, bf16_ms=t16 * 1e3, fp8_ms=t8 * 1e3, ratio=t8 / t16, bf16_floor_ms=f16 * 1e3,
+                         fp8_floor_ms=f8 * 1e3, bf16_pct_floor=100 * f16 / t16, fp8_pct_floor=100 * f8 / t8,
+                         unique_experts=u8, fp8_vs_bf16_rel=rel, fp8_vs_bf16_argmax=agree))
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| batch | bf16 ms/step | FP8 ms/step | FP8 / bf16 | bf16 floor ms | FP8 floor ms | bf16 % of floor "
+          "| FP8 % of floor | experts/layer |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['batch']} | {r['bf16_ms']:.2f} | {r['fp8_ms']:.2f} | {r['ratio']:.2f} | {r['bf16_floor_ms']:.2f} "
+              f"| {r['fp8_floor_ms']:.2f} | {r['bf16_pct_floor']:.0f}% | {r['fp8_pct_floor']:.0f}% | "
+              f"{r['unique_experts']:.0f} |")
+    del twin
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="steps", help="comma list of: kernel, fp8, steps, long, fidelity")
+    ap.add_argument("--sections", default="steps", help="comma list of: kernel, fp8, steps, long, fidelity, "
+                    "fp8steps")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--hf-steps", type=int, default=16)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--peer-batches", default="1,8", help="batches the transformers peer runs at (steps section)")
+    ap.add_argument("--fp8-batches", default="1,32", help="fp8steps section")
     ap.add_argument("--contexts", default="8192,32768,131072", help="kernel and long sections")
     ap.add_argument("--kernel-batches", default="1,8,32,64")
     ap.add_argument("--long-batches", default="1,8")
@@ -518,7 +605,7 @@ def main() -> None:
         result["kernel"] = bench_kernel(bw, tf, ints(a.contexts), ints(a.kernel_batches), sweep=not a.no_sweep)
     if "fp8" in sections:
         result["fp8"] = bench_fp8(bw, [1, 32])
-    if sections & {"steps", "long", "fidelity", "profile"}:
+    if sections & {"steps", "long", "fidelity", "profile", "fp8steps"}:
         t = time.perf_counter()
         hf, ours, cfg = build(a.layers, a.smoke)
         print(f"built {a.layers} full-width layers ({sum(p.numel() for p in ours.parameters()) / 1e9:.1f}B params) "
@@ -532,6 +619,8 @@ def main() -> None:
             result["profile"] = [profile_step(ours, cfg, B, a.prompt) for B in ints(a.profile_batches)]
         if "long" in sections:
             result["long"] = bench_long(ours, cfg, bw, ints(a.contexts), ints(a.long_batches), a.steps)
+        if "fp8steps" in sections:
+            result["fp8steps"] = bench_fp8_steps(ours, cfg, bw, ints(a.fp8_batches), a.prompt, a.steps)
     if a.out:
         with open(f"{a.out}/gpu_decode_{'_'.join(sorted(sections))}_{a.layers}l.json", "w") as f:
             json.dump(result, f, indent=1)

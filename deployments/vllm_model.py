@@ -9,7 +9,8 @@ from `engine.vllm.engine_args`. vLLM's pins differ from the project's, so the re
 environment (Ray runtime_env `py_executable`, set by app.py): this module imports vLLM only inside the replica.
 
 Not mapped: expert shards (`parallel`: raymoe's engine only), `cpu_compile` (vLLM compiles unless
-`enforce_eager`), per-request MTP acceptance counts (vLLM keeps them in its own stats).
+`enforce_eager`), `quantization: none` (vLLM serves an FP8 checkpoint in FP8), per-request MTP acceptance counts
+(vLLM keeps them in its own stats).
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def vllm_engine_args(cfg: EngineConfig, max_context: int, extra: dict | None = N
                 disable_log_stats=True)
     if not cuda and args["dtype"] == "float32":
         args["attention_backend"] = "CPU_MLA"   # vLLM's default on AMX machines (AMX_MLA) packs bf16 weights only
+    if cfg.quantization == "fp8":
+        args["quantization"] = "fp8"            # (auto: vLLM reads the checkpoint's own; none has no vLLM form)
     if cfg.num_speculative_tokens:
         args["speculative_config"] = {"method": "mtp", "num_speculative_tokens": cfg.num_speculative_tokens}
     if cuda and not cfg.enforce_eager:

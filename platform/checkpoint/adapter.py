@@ -138,8 +138,12 @@ def merge_adapter(model: nn.Module, adapter: LoraAdapter, sign: float = 1.0) -> 
     originals: dict[str, torch.Tensor] = {}
     named = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
-        for f in adapter.factors:
-            name, p, experts = _target(model, f, adapter)
+        targets = [_target(model, f, adapter) for f in adapter.factors]
+        fp8 = [name for name, p, _ in targets if p.dtype == torch.float8_e4m3fn]
+        if fp8:                                  # checked before any weight changes
+            raise CheckpointError(f"{adapter.path}: cannot merge into {fp8[0]}, held in FP8 (load the model with "
+                                  f"quantization 'none' to merge, or serve the adapter per request)")
+        for f, (name, p, experts) in zip(adapter.factors, targets):
             if experts == 1:
                 p.add_((sign * f.delta()).to(p.device, p.dtype))
                 continue

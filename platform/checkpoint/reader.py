@@ -80,5 +80,12 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.root}: tensor {key!r} is missing from the checkpoint")
         return tuple(self._handle(fname).get_slice(key).get_shape())
 
+    def is_fp8(self, key: str) -> bool:
+        """Whether `key` is stored as float8_e4m3fn (from the header: no tensor bytes are read)."""
+        fname = self._files.get(key)
+        if fname is None:
+            raise CheckpointError(f"{self.root}: tensor {key!r} is missing from the checkpoint")
+        return self._handle(fname).get_slice(key).get_dtype() == "F8_E4M3"
+
     def close(self) -> None:
         self._handles.clear()

@@ -19,6 +19,7 @@ from raymoe.platform.checkpoint.tokenizer import write_tokenizer
 from raymoe.platform.checkpoint.writer import save_checkpoint
 from raymoe.platform.config import ModelConfig
 from raymoe.platform.model.decoder import DeepseekV3ForCausalLM
+from raymoe.platform.model.fp8 import FP8_DTYPE, fp8_random_
 
 Preset = Literal["tiny", "vllm"]
 
@@ -60,11 +61,17 @@ def random_init(model: DeepseekV3ForCausalLM, seed: int) -> None:
 
     The generator lives on that device, so nothing is built on the host: the same rule initialises a tiny
     checkpoint (CPU, fp32: the bytes `write_tiny_checkpoint` always wrote) and a full-size `load_format: dummy`
-    model straight on a GPU (bf16). The same seed gives the same weights on the same device and dtype only.
+    model straight on a GPU (bf16, or FP8 weights with block scales: `fp8_random_`). The same seed gives the same
+    weights on the same device and dtype only.
     """
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() == 1:                                              # norm weights: around 1
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if name.endswith("_scale_inv"):                               # filled with its FP8 weight below
+            continue
+        if p.dtype == FP8_DTYPE:                                      # an FP8 weight (model/fp8.py) and its scales
+            fp8_random_(p, params[f"{name}_scale_inv"], g)
+        elif p.dim() == 1:                                            # norm weights: around 1
             p.normal_(generator=g).mul_(0.1).add_(1.0)
         elif name.endswith("embed_tokens.weight"):
             p.normal_(generator=g)

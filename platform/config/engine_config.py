@@ -40,6 +40,12 @@ class EngineConfig(BaseModel):
     # auto: the checkpoint's safetensors. dummy: config.json only, random weights of the real shapes and dtypes made
     # on `device` from `seed` (memory / speed / plumbing runs of full-size models; the text is meaningless)
     load_format: Literal["auto", "dummy"] = "auto"
+    # FP8 weights (the release's e4m3 weights with 128x128 block scales). auto: an FP8 checkpoint keeps them in FP8
+    # on a CUDA device (Triton weight-only FP8 GEMMs: half the weight bytes per step) and is dequantised to `dtype`
+    # on the CPU. fp8: kept in FP8 on any device (the CPU dequantises per call: slow, a reference for tests; an FP8
+    # checkpoint, or load_format dummy, is required). none: always dequantised at load. kv_b_proj is dequantised in
+    # every case (absorbed MLA needs its dense matrix); expert shards follow the same rule on their own device.
+    quantization: Literal["auto", "fp8", "none"] = "auto"
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)   # expert shards (none by default)
     max_loras: int = Field(4, gt=0, description="LoRA adapters resident on the device at once (per-request "
                            "adapters; least recently used evicted when a request needs another)")

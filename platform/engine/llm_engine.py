@@ -93,12 +93,12 @@ class LLMEngine:
         sharded = cfg.parallel.num_shards > 0
         self.model = model if model is not None else from_pretrained(
             cfg.model, dtype=_dtype(cfg), device=cfg.device, experts_range=(0, 0) if sharded else None,
-            load_format=cfg.load_format, seed=cfg.seed)
+            load_format=cfg.load_format, seed=cfg.seed, quantization=cfg.quantization)
         self.ep = None                   # the expert shards (raymoe.platform.parallel), when the experts are remote
         if sharded:
             from raymoe.platform.parallel.expert_parallel import ExpertParallel
             self.ep = ExpertParallel(cfg.model, self.model, cfg.parallel, placement_group, cfg.max_loras,
-                                     cfg.max_lora_rank)
+                                     cfg.max_lora_rank, cfg.quantization)
         for moe in self.model.moe_layers():
             if moe.expert_load is None:
                 moe.count_load()         # tokens per expert per layer, summed on the device (expert_load())

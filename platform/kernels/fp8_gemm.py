@@ -48,7 +48,8 @@ def _linear_kernel(X, W, S, Y, M, N, K, stride_x, stride_w, stride_s, K_ITERS: t
         x = tl.load(X + offs_m[:, None] * stride_x + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w8 = tl.load(W + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :],
                      mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        s = tl.load(S + (offs_n // 128) * stride_s + kb, mask=n_ok & (kb * BLOCK_K < K), other=0.0)
+        s = tl.load(S + (offs_n // 128) * stride_s + kb, mask=n_ok & (offs_n * 0 + kb * BLOCK_K < K),
+                    other=0.0)   # (a vector mask: the interpreter takes no scalar one)
         acc += _block_product(x, w8, INTERPRET) * s[None, :]
     y = Y + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(y, acc, mask=m_ok[:, None] & n_ok[None, :])

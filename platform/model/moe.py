@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymoe.platform import kernels
 from raymoe.platform.config import ModelConfig
 from raymoe.platform.model import fused
+from raymoe.platform.model.fp8 import BLOCK, FP8_DTYPE, dequantize_stack, frozen, keep_dtypes
 from raymoe.platform.model.mlp import MLP
 
 
@@ -212,7 +214,14 @@ class RoutedExperts(nn.Module):
 
     Paths: the grouped GEMM on CUDA bf16, and on the CPU under autograd or with LoRA (torch's CPU grouped GEMM);
     without autograd on the CPU, gathered weights for a few tokens or a padded batch for many; a per-expert loop
-    where the grouped GEMM is missing. `lora` maps "gate_up_proj" / "down_proj" to their factors."""
+    where the grouped GEMM is missing. `lora` maps "gate_up_proj" / "down_proj" to their factors.
+
+    `use_fp8()` holds the stacks in FP8 instead (inference only): e4m3 stacks of the same shapes with per-expert
+    128 x 128 block scales `gate_up_proj_scale_inv` [E, 2 ceil(I/128), ceil(H/128)] (gate's blocks, then up's) and
+    `down_proj_scale_inv` [E, ceil(H/128), ceil(I/128)]. The grouped path then runs the weight-only FP8 grouped GEMM
+    (Triton, `kernels.fp8_gemm.fp8_grouped`) where `kernels.enabled(x)`; every other path dequantises per call (the
+    reference). Gate and up go through one launch when I % 128 == 0 (their blocks line up in the stack), else one
+    each."""
 
     def __init__(self, cfg: ModelConfig, first: int = 0, count: int | None = None,
                  expert_ids: list[int] | None = None) -> None:
@@ -231,6 +240,63 @@ class RoutedExperts(nn.Module):
         inter, h = cfg.moe_intermediate_size, cfg.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.count, 2 * inter, h))
         self.down_proj = nn.Parameter(torch.empty(self.count, h, inter))
+        self.fp8 = False
+
+    # ---- FP8 storage ---------------------------------------------------------------------------------------------
+    def use_fp8(self) -> None:
+        """Hold the stacks in FP8 from now on: new uninitialised e4m3 stacks and fp32 block scales on the stacks'
+        device (the loader fills them; see the class docstring for the layout)."""
+        if self.fp8:
+            return
+        E, two_i, h = self.gate_up_proj.shape
+        inter, dev = two_i // 2, self.gate_up_proj.device
+        nb = lambda n: -(-n // BLOCK)                                          # noqa: E731
+        self.gate_up_proj = frozen(torch.empty(E, two_i, h, dtype=FP8_DTYPE, device=dev))
+        self.gate_up_proj_scale_inv = frozen(torch.empty(E, 2 * nb(inter), nb(h), device=dev))
+        self.down_proj = frozen(torch.empty(E, h, inter, dtype=FP8_DTYPE, device=dev))
+        self.down_proj_scale_inv = frozen(torch.empty(E, nb(h), nb(inter), device=dev))
+        self.fp8 = True
+
+    def _apply(self, fn, recurse=True):   # FP8 stacks and their scales keep their dtypes through .to(dtype)
+        if not self.fp8:
+            return super()._apply(fn, recurse)
+        return super()._apply(keep_dtypes(self, fn), recurse)
+
+    def fp8_parts(self, name: str, e: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(e4m3 stack [E, N, K], its scales [E, ceil(N/128), ceil(K/128)]) pieces of FP8 weight `name` whose 128-row
+        blocks each line up: the whole stack, or gate and up apart when I % 128 != 0. `e`: local expert e only
+        (E = 1)."""
+        w, s = getattr(self, name), getattr(self, f"{name}_scale_inv")
+        if e is not None:
+            w, s = w[e:e + 1], s[e:e + 1]
+        inter = w.shape[1] // 2
+        if name != "gate_up_proj" or inter % BLOCK == 0:
+            return [(w, s)]
+        nb = s.shape[1] // 2
+        return [(w[:, :inter], s[:, :nb]), (w[:, inter:], s[:, nb:])]
+
+    def dense(self, name: str, dtype: torch.dtype, e: int | None = None) -> torch.Tensor:
+        """Stacked weight `name` ("gate_up_proj" / "down_proj") in `dtype`: the parameter itself, or, in FP8,
+        dequantised (a new tensor per call). `e`: local expert e's matrix only ([N, K])."""
+        if not self.fp8:
+            w = getattr(self, name)
+            return w if e is None else w[e]
+        parts = [dequantize_stack(w, s, dtype) for w, s in self.fp8_parts(name, e)]
+        if e is not None:
+            parts = [p[0] for p in parts]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _fp8_kernel(self, x: torch.Tensor) -> bool:
+        return self.fp8 and kernels.enabled(x) and x.dtype in (torch.bfloat16, torch.float16)
+
+    def _base_grouped(self, x: torch.Tensor, name: str, offs: torch.Tensor) -> torch.Tensor:
+        # x: [M, in] sorted by expert, offs: [E] group ends -> [M, out] (rows past the last group: undefined)
+        if self._fp8_kernel(x):
+            from raymoe.platform.kernels.fp8_gemm import fp8_grouped
+            ys = [fp8_grouped(x, w, s, offs) for w, s in self.fp8_parts(name)]
+            return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+        return torch._grouped_mm(x, self.dense(name, x.dtype).transpose(1, 2), offs=offs)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
                 lora: dict[str, ExpertLora] | None = None) -> torch.Tensor:
@@ -275,13 +341,13 @@ class RoutedExperts(nn.Module):
         xr = x[rows]                                                            # [A, H] each pair's token
         buf = x.new_zeros(self.count, int(counts.max()), x.shape[1])
         buf[e, slot] = xr
-        h = torch.bmm(buf, self.gate_up_proj.transpose(1, 2))[e, slot]                 # [A, 2I]
+        h = torch.bmm(buf, self.dense("gate_up_proj", x.dtype).transpose(1, 2))[e, slot]   # [A, 2I]
         if lora and "gate_up_proj" in lora:
             h += self._pair_lora(lora["gate_up_proj"], xr, rows, e)
         act = fused.swiglu(h)                                                           # [A, I]
         buf = act.new_zeros(self.count, buf.shape[1], act.shape[1])
         buf[e, slot] = act
-        y = torch.bmm(buf, self.down_proj.transpose(1, 2))[e, slot]                    # [A, H]
+        y = torch.bmm(buf, self.dense("down_proj", x.dtype).transpose(1, 2))[e, slot]      # [A, H]
         if lora and "down_proj" in lora:
             y += self._pair_lora(lora["down_proj"], act, rows, e)
         return torch.zeros_like(x).index_add_(0, rows, y * topk_w.flatten()[pick].to(x.dtype)[:, None])
@@ -294,11 +360,11 @@ class RoutedExperts(nn.Module):
         ids = topk_ids.flatten().clamp(min=0)                                           # id -1: weight 0 below
         rows = torch.arange(N, device=x.device).repeat_interleave(k)                    # [N*k] each pair's token
         xs = x.index_select(0, rows)                                                    # [N*k, H]
-        h = torch.bmm(self.gate_up_proj[ids], xs[:, :, None]).squeeze(-1)               # [N*k, 2I]
+        h = torch.bmm(self.dense("gate_up_proj", x.dtype)[ids], xs[:, :, None]).squeeze(-1)   # [N*k, 2I]
         if lora and "gate_up_proj" in lora:
             h += self._pair_lora(lora["gate_up_proj"], xs, rows, ids)
         act = fused.swiglu(h)                                                           # [N*k, I]
-        y = torch.bmm(self.down_proj[ids], act[:, :, None]).squeeze(-1)                # [N*k, H]
+        y = torch.bmm(self.dense("down_proj", x.dtype)[ids], act[:, :, None]).squeeze(-1)      # [N*k, H]
         if lora and "down_proj" in lora:
             y += self._pair_lora(lora["down_proj"], act, rows, ids)
         w = torch.where(topk_ids >= 0, topk_w, 0).to(x.dtype)
@@ -319,6 +385,8 @@ class RoutedExperts(nn.Module):
         LoRA, where torch has the kernel for the dtype; 16-byte-aligned rows. `gather_lora`: per-row LoRA over a few
         (token, expert) pairs at inference, where gathering each pair's factors beats the CPU kernel (a loop of
         GEMMs with a host sync per group, over S x E groups)."""
+        if self._fp8_kernel(x):
+            return True        # the FP8 grouped GEMM (Triton): any width, no alignment needed
         if not hasattr(torch, "_grouped_mm"):
             return False
         if x.is_cuda:
@@ -371,7 +439,7 @@ class RoutedExperts(nn.Module):
         """x W_e^T (+ scale * (x A_e^T) B_e^T) for each expert's rows: the LoRA term as two rank-r grouped GEMMs
         (per-row LoRA: over the rows regrouped by adapter and expert, `rows`)."""
         # x: [M, in] sorted by expert, offs: [E] group ends -> [M, out]
-        y = torch._grouped_mm(x, getattr(self, name).transpose(1, 2), offs=offs)
+        y = self._base_grouped(x, name, offs)
         f = lora.get(name) if lora else None
         if f is None:
             return y
@@ -410,7 +478,7 @@ class RoutedExperts(nn.Module):
     def _linear(self, x: torch.Tensor, name: str, e: int, lora: dict[str, ExpertLora] | None,
                 tokens: torch.Tensor | None = None) -> torch.Tensor:
         # x: [n, in] rows of held expert e (of `tokens` [n]) -> [n, out]
-        y = F.linear(x, getattr(self, name)[e])
+        y = F.linear(x, self.dense(name, x.dtype, e))
         f = lora.get(name) if lora else None
         if f is None:
             return y

@@ -9,6 +9,7 @@ adapters). Slot -1 is the base model: its rows sort past the last group and cost
   whoever runs the model; every LoRA module of the model reads it. Unbound, every module is exactly its base.
 - `LoraLinear`: an nn.Linear (attention projections, dense and shared-expert MLPs) with stacks
   `lora_a` [S, R, in] and `lora_b` [S, out, R] (the scale folded into B); it stays an nn.Linear, same weight.
+  `LoraFp8Linear` is the same over an FP8 base (`Fp8Linear`); routed experts in FP8 take their factors as usual.
 - `RowLoraDispatch`: the MoE dispatch wrapper that hands the routed experts' stacks ([S * E, R, in] and
   [S * E, out, R], adapter-major) with the rows' slots down to `RoutedExperts` as `ExpertLora`. Over a remote
   dispatch (expert shards) it holds no stacks (E = 0 here: the shards hold theirs, same slot numbering) and only
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymoe.platform.model.fp8 import Fp8Linear
 from raymoe.platform.model.moe import ExpertDispatch, ExpertLora, MoE, _cpu_grouped_mm
 
 
@@ -108,6 +110,14 @@ class LoraRows:
         self.head_slots = Segments(torch.where(per_head < S, per_head * H + head, S * H), S * H)
 
 
+def _with_rows(mod: LoraLinear | LoraFp8Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # x: [N, in], y: [N, out] the base's output -> y + each row's adapter update (y itself when rows are unbound)
+    seg = mod.rows.tokens
+    if seg is None:
+        return y
+    return seg.add_to(y, seg.lora(x, mod.lora_a.to(x.dtype), mod.lora_b.to(x.dtype)))
+
+
 class LoraLinear(nn.Linear):
     """An nn.Linear whose rows may each carry an adapter: base(x) + (x A_s^T) (s B_s)^T for slot s of the row.
     Made from an existing nn.Linear by `install` (same module, weight and name; two buffers more)."""
@@ -117,11 +127,19 @@ class LoraLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, in] -> [N, out]
-        y = F.linear(x, self.weight, self.bias)
-        seg = self.rows.tokens
-        if seg is None:
-            return y
-        return seg.add_to(y, seg.lora(x, self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)))
+        return _with_rows(self, x, F.linear(x, self.weight, self.bias))
+
+
+class LoraFp8Linear(Fp8Linear):
+    """`LoraLinear` over an FP8 base (`Fp8Linear`): the base computed from its FP8 weight, the adapters in the
+    activations' dtype."""
+    lora_a: torch.Tensor     # [S, R, in]
+    lora_b: torch.Tensor     # [S, out, R], scale folded in
+    rows: LoraRows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, in] -> [N, out]
+        return _with_rows(self, x, super().forward(x))
 
 
 class RowLoraDispatch(ExpertDispatch):
@@ -129,17 +147,19 @@ class RowLoraDispatch(ExpertDispatch):
     else its local experts) and, while rows are bound, hands the stacks and the slots down as `ExpertLora`.
     Over a remote inner dispatch the stacks are empty ([0, R, in] / [0, out, R]): only the slots matter there."""
 
-    def __init__(self, moe: MoE, rows: LoraRows, max_rank: int) -> None:
+    def __init__(self, moe: MoE, rows: LoraRows, max_rank: int, dtype: torch.dtype) -> None:
+        # dtype: the stacks' (the activations'; FP8 experts' stacks are not FP8)
         self.experts = moe.experts
         self.inner: ExpertDispatch | None = moe.dispatch      # None: the layer's own experts
         self.rows = rows
         ex = moe.experts
         S, E = rows.max_loras, (0 if self.remote else ex.count)
         p = ex.gate_up_proj
+        new = dict(device=p.device, dtype=dtype)
         self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in ("gate_up_proj", "down_proj"):
             _, out_f, in_f = getattr(ex, name).shape
-            self.stacks[name] = (p.new_zeros(S * E, max_rank, in_f), p.new_zeros(S * E, out_f, max_rank))
+            self.stacks[name] = (torch.zeros(S * E, max_rank, in_f, **new), torch.zeros(S * E, out_f, max_rank, **new))
 
     @property
     def remote(self) -> bool:
@@ -218,18 +238,20 @@ def install(model: nn.Module, max_loras: int, max_rank: int) -> RowLora:
         return done
     cfg = model.config
     out = RowLora(LoraRows(max_loras, cfg.num_attention_heads), max_rank)
+    dtype = model.lm_head.weight.dtype          # the activations' (an FP8 base's stacks are not FP8)
     for i, layer in enumerate(model.model.layers):
         for name, mod in layer.named_modules(prefix=f"model.layers.{i}"):
-            if type(mod) is nn.Linear:
-                mod.__class__ = LoraLinear
-                mod.register_buffer("lora_a", mod.weight.new_zeros(max_loras, max_rank, mod.in_features),
+            if type(mod) in (nn.Linear, Fp8Linear):
+                mod.__class__ = LoraLinear if type(mod) is nn.Linear else LoraFp8Linear
+                new = dict(device=mod.weight.device, dtype=dtype)
+                mod.register_buffer("lora_a", torch.zeros(max_loras, max_rank, mod.in_features, **new),
                                     persistent=False)
-                mod.register_buffer("lora_b", mod.weight.new_zeros(max_loras, mod.out_features, max_rank),
+                mod.register_buffer("lora_b", torch.zeros(max_loras, mod.out_features, max_rank, **new),
                                     persistent=False)
                 object.__setattr__(mod, "rows", out.rows)
                 out.stacks[f"{name}.weight"] = (mod.lora_a, mod.lora_b, 1)
         if isinstance(layer.mlp, MoE):
-            d = RowLoraDispatch(layer.mlp, out.rows, max_rank)
+            d = RowLoraDispatch(layer.mlp, out.rows, max_rank, dtype)
             layer.mlp.dispatch = d
             for w, (a, b) in d.stacks.items():
                 key = f"model.layers.{i}.mlp.experts.{w}"

@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 
 class ExpertParallel:
     def __init__(self, path: str, model: DeepseekV3ForCausalLM, cfg: ParallelConfig,
-                 placement_group=None, max_loras: int = 0, max_lora_rank: int = 0) -> None:
+                 placement_group=None, max_loras: int = 0, max_lora_rank: int = 0,
+                 quantization: str = "none") -> None:
         # max_loras, max_lora_rank: the engine's adapter slots, which the shards mirror (0: no adapters)
-        self.path, self.cfg = str(path), cfg
+        # quantization: the engine's (EngineConfig.quantization); each shard applies it on its own device
+        self.path, self.cfg, self.quantization = str(path), cfg, quantization
         self.lora = AdapterSlots(max_loras, max_lora_rank)
         p = next(model.parameters())
         self.device, self.dtype = p.device, str(p.dtype).removeprefix("torch.")
@@ -65,7 +67,7 @@ class ExpertParallel:
     def _build(self, plan: PlacementPlan, reuse=None):
         cls = SHARD_SETS[self.cfg.transport]
         return cls(self.path, plan, self.cfg, self.dtype, "cpu" if self.device.type == "cpu" else str(self.device),
-                   reuse=reuse, placement=self.placement, lora=self.lora)
+                   reuse=reuse, placement=self.placement, quantization=self.quantization, lora=self.lora)
 
     @contextlib.contextmanager
     def stepping(self):

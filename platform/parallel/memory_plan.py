@@ -8,8 +8,11 @@ and graphs. The other GPUs are expert shards; each holds at most ceil(n_routed_e
 every MoE layer, the MTP layer's included (the placement plan covers `model.moe_layers()`, MTP too).
 
 Routed experts are counted as FP8 (1 byte per parameter + one fp32 scale per 128x128 block, the release's format)
-or bf16. Honest caveat: raymoe does not hold FP8 weights today; the loader dequantises them to bf16 (issue 12), so
-the `fp8` rows describe the planned layout, not what a load does now. Sizes are decimal GB (1e9 bytes).
+or bf16. The `fp8` rows are what a load does: an FP8 checkpoint on CUDA devices (EngineConfig.quantization auto or
+fp8, or `load_format: dummy` with fp8) keeps the routed experts in FP8 with exactly these bytes, on the router and
+on every expert shard (`load_experts`, the same rule). The router's own linears (attention but kv_b_proj, dense
+MLPs, shared experts) are FP8 in such a load too, but counted here in bf16: its rows are an upper bound. Sizes are
+decimal GB (1e9 bytes).
 """
 from __future__ import annotations
 

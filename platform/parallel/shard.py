@@ -63,7 +63,10 @@ def unpack(buf: torch.Tensor, n: int, h: int, k: int, dtype: torch.dtype, lora: 
 
 class ExpertShard:
     def __init__(self, path: str, experts: dict[int, list[int]], dtype: str = "float32",
-                 device: str = "cpu", threads: int | None = None, max_loras: int = 0, max_rank: int = 0) -> None:
+                 device: str = "cpu", threads: int | None = None, quantization: str = "none", max_loras: int = 0,
+                 max_rank: int = 0) -> None:
+        # quantization: EngineConfig.quantization, applied on this shard's device (FP8 experts stay FP8 on CUDA
+        # under "auto", as the router's own weights do)
         # max_loras, max_rank: the router's adapter slots (stacks allocated at the first write; 0: no adapters)
         from raymoe.platform.checkpoint.experts import load_experts
         from raymoe.platform.config import ModelConfig
@@ -72,9 +75,9 @@ class ExpertShard:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         held = {layer: ids for layer, ids in experts.items() if ids}
-        self.experts, self._keys = load_experts(path, held, self.dtype, self.device)
+        self.experts, self._keys = load_experts(path, held, self.dtype, self.device, quantization=quantization)
         self.hidden = ModelConfig.from_pretrained(path).hidden_size
-        self.lora = ShardLora(self.experts, max_loras, max_rank)
+        self.lora = ShardLora(self.experts, max_loras, max_rank, self.dtype)
         self._collective = threading.Lock()       # one data-plane loop at a time
 
     def ping(self) -> bool:

@@ -74,9 +74,10 @@ class AdapterSlots:
 class ShardLora:
     """A shard's routed-expert LoRA stacks for the router's adapter slots (see the module docstring)."""
 
-    def __init__(self, experts: dict, max_loras: int, max_rank: int) -> None:
+    def __init__(self, experts: dict, max_loras: int, max_rank: int, dtype: torch.dtype | None = None) -> None:
+        # dtype: the stacks' (the shard's compute dtype; FP8 experts' stacks are not FP8); None: the experts'
         self.experts = experts                 # layer -> RoutedExperts (the shard's)
-        self.max_loras, self.max_rank = max_loras, max_rank
+        self.max_loras, self.max_rank, self.dtype = max_loras, max_rank, dtype
         # layer -> weight -> (A, B); a layer's stacks are allocated at the first write that names it (the router
         # names every layer adapters reach, so the MTP module's experts never get any)
         self.stacks: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -89,10 +90,12 @@ class ShardLora:
     def _allocate(self, layer: int) -> None:
         S, R, ex = self.max_loras, self.max_rank, self.experts[layer]
         p = ex.gate_up_proj
+        new = dict(device=p.device, dtype=self.dtype or p.dtype)
         self.stacks[layer] = {}
         for w in WEIGHTS:
             _, out_f, in_f = getattr(ex, w).shape
-            self.stacks[layer][w] = (p.new_zeros(S * ex.count, R, in_f), p.new_zeros(S * ex.count, out_f, R))
+            self.stacks[layer][w] = (torch.zeros(S * ex.count, R, in_f, **new),
+                                     torch.zeros(S * ex.count, out_f, R, **new))
 
     @torch.no_grad()
     def write(self, slot: int, version: int, factors: SlotFactors) -> None:

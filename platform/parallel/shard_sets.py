@@ -61,11 +61,12 @@ class LocalShards:
     """Every shard an in-process ExpertShard: `send` computes at once."""
 
     def __init__(self, path: str, plan: PlacementPlan, cfg: ParallelConfig, dtype: str, device: str,
-                 reuse: "LocalShards | None" = None, placement=None, lora: AdapterSlots | None = None) -> None:
+                 reuse: "LocalShards | None" = None, placement=None, quantization: str = "none",
+                 lora: AdapterSlots | None = None) -> None:
         self.plan, self.lora = plan, lora or AdapterSlots(0, 0)
         old = {_key(s): sh for s, sh in zip(reuse.plan.shards, reuse.shards)} if reuse else {}
-        self.shards = [old.get(_key(s)) or ExpertShard(path, s.experts, dtype, device, None, self.lora.max_loras,
-                                                       self.lora.max_rank) for s in plan.shards]
+        self.shards = [old.get(_key(s)) or ExpertShard(path, s.experts, dtype, device, None, quantization,
+                                                       self.lora.max_loras, self.lora.max_rank) for s in plan.shards]
 
     def send(self, layer: int, x, ids, w, owner, hit: list[int], slots=None):
         return [self.shards[s].compute(layer, x, mine(ids, owner, s), w, slots) for s in hit]
@@ -99,7 +100,8 @@ class RayShards:
     """Every shard a Ray actor (`ExpertShard` remote, restarted forever by Ray); rows travel as actor calls."""
 
     def __init__(self, path: str, plan: PlacementPlan, cfg: ParallelConfig, dtype: str, device: str,
-                 reuse: "RayShards | None" = None, placement=None, lora: AdapterSlots | None = None) -> None:
+                 reuse: "RayShards | None" = None, placement=None, quantization: str = "none",
+                 lora: AdapterSlots | None = None) -> None:
         import ray
         self.plan, self.cfg, self.lora = plan, cfg, lora or AdapterSlots(0, 0)
         self.shard_device = "cuda" if cfg.gpus_per_shard > 0 else "cpu"
@@ -117,7 +119,7 @@ class RayShards:
                     opts.update(extra)
                 threads = max(1, int(cfg.cpus_per_shard)) if self.shard_device == "cpu" else None
                 actor = ray.remote(ExpertShard).options(**opts).remote(path, s.experts, dtype, self.shard_device,
-                                                                        threads, self.lora.max_loras,
+                                                                        threads, quantization, self.lora.max_loras,
                                                                         self.lora.max_rank)
             self.actors.append(actor)
             self.bundles.append(bundle)

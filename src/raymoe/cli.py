@@ -73,6 +73,8 @@ def generate(
         0, help="MTP speculative tokens per step (0: off)"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the tokenizer's chat template"),
     device: str = typer.Option("cpu"), dtype: Optional[str] = typer.Option(None),
+    quantization: str = typer.Option("auto", help="FP8 weights of an FP8 checkpoint: auto (FP8 on cuda, dequantised "
+                                     "on cpu) | fp8 (FP8 on any device) | none (dequantised)"),
     cpu_compile: bool = typer.Option(False, "--cpu-compile", help="torch.compile the CPU decode step (faster "
                                      "per token after tens of seconds of compilation)"),
     ep: int = typer.Option(0, "--ep", help="expert shards (0: routed experts in this process)"),
@@ -98,7 +100,8 @@ def generate(
             _start_ray()
         t0 = time.perf_counter()
         engine = LLMEngine(EngineConfig(model=str(model), device=device, dtype=dtype, num_speculative_tokens=mtp,
-                                        max_model_len=None, cpu_compile=cpu_compile, parallel=parallel))
+                                        max_model_len=None, cpu_compile=cpu_compile, parallel=parallel,
+                                        quantization=quantization))
         if engine.tokenizer is None:
             fail(f"{model}: no tokenizer.json, cannot encode a text prompt")
         tok = engine.tokenizer
@@ -197,8 +200,8 @@ def plan_memory_cmd(
     gpu_gb: float = typer.Option(141.0, help="memory per GPU, decimal GB (H200: 141)"),
     seqs: int = typer.Option(4, help="sequences whose latent KV cache the router holds"),
     context: int = typer.Option(131072, help="tokens per sequence"),
-    experts: str = typer.Option("fp8", help="routed-expert weights: fp8 (128x128 block scales; planned, issue 12) "
-                                "| bf16"),
+    experts: str = typer.Option("fp8", help="routed-expert weights: fp8 (128x128 block scales, as an FP8 "
+                                "checkpoint loads on GPUs) | bf16"),
     reserve_gb: float = typer.Option(8.0, help="per-GPU reserve for activations, CUDA context and graphs"),
     model: Optional[Path] = typer.Option(None, help="config.json folder (default: the published DeepSeek-V3)"),
 ) -> None:
