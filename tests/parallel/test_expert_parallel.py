@@ -118,7 +118,8 @@ def test_cuda_piecewise_graphs_with_remote_experts_match_eager(tiny_ckpt_fp32):
     from raymoe.platform.engine.piecewise_graphs import PiecewiseGraph
     kw = dict(model=str(tiny_ckpt_fp32), device="cuda", dtype="bfloat16", num_blocks=256, block_size=16,
               cuda_graph_sizes=[1, 2, 4])
-    eager = LLMEngine(EngineConfig(**kw, parallel=ParallelConfig(num_shards=2, transport="local")))
+    eager = LLMEngine(EngineConfig(**kw, parallel=ParallelConfig(num_shards=2, transport="local",
+                                                                 piecewise_graphs=False)))
     graphed = LLMEngine(EngineConfig(**kw, parallel=ParallelConfig(num_shards=2, transport="local",
                                                                    piecewise_graphs=True)))
     assert eager.runner.graphs is None and graphed.runner.graphs is not None
