@@ -8,6 +8,8 @@ dynamic cache), in the same run. Sections (--sections, comma list):
   long      8K-128K decode steps before/after through the model runner (random latents in the cache)
   fidelity  raymoe bf16 vs fp32 truth, transformers bf16 vs fp32 truth (fp32 copy of the weights)
   profile   where a graphed decode step's time goes: the profiler's CUDA kernel table at --profile-batches
+  fp8tune   tile sweep of the FP8 GEMMs at DeepSeek-V3's decode shapes; writes the fastest tiles for this GPU to
+            platform/kernels/fp8_tiles.json (--no-write: print only), which later sections and the engine use
   fp8steps  engine steps of the same model with its block weights and routed experts in FP8 (the bf16 weights
             block-quantised as the release is) against the bf16 model, each against its own floor (FP8 weights
             1 byte + block scales); FP8 / bf16 step time at --fp8-batches (target <= 0.6); FP8 logits vs bf16
@@ -16,6 +18,7 @@ dynamic cache), in the same run. Sections (--sections, comma list):
     PYTHONPATH=src python benchmarks/gpu_decode.py --sections steps [--layers 4] [--prompt 512] [--out DIR]
     PYTHONPATH=src python benchmarks/gpu_decode.py --sections fidelity,long --layers 2
     PYTHONPATH=src python benchmarks/gpu_decode.py --sections fp8steps --layers 2 [--fp8-batches 1,32]
+    PYTHONPATH=src python benchmarks/gpu_decode.py --sections fp8tune,fp8steps --layers 2
 
 The floor of a decode step = bytes it must read (every attention/dense/shared weight, the routed experts the batch
 actually selects, the gates, the LM head, the embedding rows, the latent cache) / measured device copy bandwidth.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -428,16 +432,32 @@ def bench_long(ours, cfg, bw: float, contexts: list[int], batches: list[int], st
     return rows
 
 
+def _path_of(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(n for n, m in root.named_modules() if m is module)
+
+
 def fidelity(hf, ours, cfg) -> dict:
-    """bf16 error of each implementation against the same weights run in fp32 by transformers (the truth)."""
-    import copy
+    """bf16 error of each implementation against the same weights run in fp32 by transformers (the truth), the fp32
+    copy on the host (beside the bf16 model it would not fit an 80 GB card at 2 full-width layers)."""
     ids = torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)).to(DEV)
     with torch.no_grad():
         lo, lh = ours(ids).float(), hf(ids).logits.float()
-        truth_model = copy.deepcopy(hf).float()
-        truth = truth_model(ids).logits.float()
+        with torch.device("meta"):
+            truth_model = type(hf)(hf.config)
+        for name, t in list(hf.named_parameters()) + list(hf.named_buffers()):
+            mod_name, _, attr = name.rpartition(".")
+            mod = truth_model.get_submodule(mod_name)
+            v = t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype)
+            if attr in mod._parameters:
+                mod._parameters[attr] = torch.nn.Parameter(v, requires_grad=False)
+            else:
+                mod._buffers[attr] = v
+        for m in truth_model.modules():             # plain tensor attributes made on meta (rotary copies)
+            for k, v in list(vars(m).items()):
+                if isinstance(v, torch.Tensor) and v.is_meta and k not in m._parameters and k not in m._buffers:
+                    setattr(m, k, getattr(hf.get_submodule(_path_of(truth_model, m)), k).detach().cpu().float())
+        truth = truth_model.eval()(ids.cpu()).logits.float().to(DEV)
         del truth_model
-    torch.cuda.empty_cache()
     rel = lambda a: ((a - truth).norm() / truth.norm()).item()          # noqa: E731
     agree = lambda a: (a.argmax(-1) == truth.argmax(-1)).float().mean().item()   # noqa: E731
     out = dict(raymoe_bf16_vs_fp32=rel(lo), transformers_bf16_vs_fp32=rel(lh), raymoe_argmax=agree(lo),
@@ -495,6 +515,159 @@ def bench_fp8(bw: float, batches: list[int]) -> list[dict]:
         print(f"| {r['gemm']} | {r['M']} | {r['fp8_us']:.1f} | {r['bf16_us']:.1f} | {r['ratio']:.2f} | "
               f"{r['fp8_TBps']:.2f} | {r['bf16_TBps']:.2f} |")
     return rows
+
+
+# DeepSeek-V3's linears the release stores in FP8 (name, N = out, K = in) and one layer's routed experts (E, N, K)
+FP8_LINEARS = (("q_a_proj", 1536, 7168), ("q_b_proj", 24576, 1536), ("kv_a_proj_with_mqa", 576, 7168),
+               ("o_proj", 7168, 16384), ("dense gate/up", 18432, 7168), ("dense down", 7168, 18432),
+               ("shared gate/up", 2048, 7168), ("shared down", 7168, 2048))
+FP8_EXPERTS = (("experts gate_up", 4096, 7168), ("experts down", 7168, 2048))
+
+
+def tiles_json(data: dict) -> str:
+    """fp8_tiles.json's text: one line per tuned shape."""
+    lines = ["{"]
+    for i, (device, kinds) in enumerate(sorted(data.items())):
+        lines.append(f" {json.dumps(device)}: {{")
+        for j, (kind, table) in enumerate(sorted(kinds.items())):
+            lines.append(f"  {json.dumps(kind)}: {{")
+            items = sorted(table.items(), key=lambda kv: [int(v) for v in kv[0].split(",")])
+            lines += [f"   {json.dumps(k)}: {json.dumps(list(v))}" + ("," if n < len(items) - 1 else "")
+                      for n, (k, v) in enumerate(items)]
+            lines.append("  }" + ("," if j < len(kinds) - 1 else ""))
+        lines.append(" }" + ("," if i < len(data) - 1 else ""))
+    return "\n".join(lines + ["}"]) + "\n"
+
+def bench_fp8_tune(rows_m: list[int], batches: list[int], write: bool = True) -> dict:
+    """Tile sweep of the FP8 GEMMs at DeepSeek-V3's decode shapes: every candidate `Tiles` (columns per program,
+    K splits, warps, stages) timed against the rule-of-thumb tiles and cuBLAS bf16, weights rotated past the L2;
+    candidates whose result is off the bf16 product are dropped. The fastest per shape go to fp8_tiles.json under
+    this GPU's name (`write`), which the kernels read from then on."""
+    import itertools
+
+    import triton.testing
+
+    from raymoe.platform.checkpoint.fp8 import FP8_MAX
+    from raymoe.platform.kernels import fp8_gemm as g
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    bench = lambda f: triton.testing.do_bench(f, warmup=5, rep=15, return_mode="median") * 1e3   # noqa: E731 (us)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()                # noqa: E731
+
+    def q8(shape, copies):
+        """`copies` random (e4m3 weight, block scales, the bf16 dequantised weight) of `shape` ([N, K] or [E, N, K]),
+        made one matrix at a time (an expert stack's fp32 dequantisation would not fit beside it)."""
+        from raymoe.platform.checkpoint.fp8 import dequantize_blockwise
+        out = []
+        for _ in range(copies):
+            w8 = torch.empty(*shape, device=DEV, dtype=torch.float8_e4m3fn)
+            s = torch.rand(*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128), device=DEV) * 1e-2 / FP8_MAX
+            s += 1e-4
+            dense = torch.empty(*shape, device=DEV, dtype=torch.bfloat16)
+            for e in range(w8.shape[0] if w8.dim() == 3 else 1):
+                w8e, se, de = (w8[e], s[e], dense[e]) if w8.dim() == 3 else (w8, s, dense)
+                w8e.copy_((torch.randn(shape[-2:], device=DEV) * 16).clamp(-FP8_MAX, FP8_MAX).to(w8.dtype))
+                de.copy_(dequantize_blockwise(w8e, se, torch.bfloat16))
+            out.append((w8, s, dense))
+        return out
+
+    def rotating(fn, sets):
+        it = itertools.cycle(sets)
+        return lambda: fn(*next(it))
+
+    def sweep(call, ref, candidates):
+        best, timings = None, []
+        for t in candidates:
+            try:
+                if rel(call(t, check=True), ref) > 2e-2:
+                    print(f"  tiles {tuple(t)}: wrong result, dropped", flush=True)
+                    continue
+                us = bench(lambda: call(t))
+            except Exception as e:                      # noqa: BLE001 - a tile the compiler refuses: skip it
+                print(f"  tiles {tuple(t)}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+                continue
+            timings.append((us, t))
+            if best is None or us < best[0]:
+                best = (us, t)
+        return best, timings
+
+    table = {"linear": {}, "grouped": {}}
+    rows = []
+    os.environ["RAYMOE_FP8_TILES"] = "off"                   # the rule of thumb as the baseline
+    g.tuned_tiles.cache_clear()
+    for name, N, K in FP8_LINEARS:
+        copies = max(1, -(-3 * l2 // (N * K)))
+        sets = q8((N, K), copies)
+        for M in rows_m:
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            ref = x @ sets[0][2].T
+            it = itertools.cycle(sets)
+
+            def call(t, check=False):
+                w8, s, _ = sets[0] if check else next(it)
+                return g.fp8_linear(x, w8, s, t)
+            bf16 = bench(rotating(lambda w8, s, w: x @ w.T, sets))
+            default = g.linear_tiles(M, N, K, sms)
+            cands = {default}
+            for bn, waves, warps, stages in itertools.product((32, 64, 128), (1, 2, 4, 8), (4, 8), (3, 4, 6)):
+                programs = -(-N // bn) * -(-M // g._block_m(M))
+                cands.add(g.Tiles(bn, g._split_for(programs, -(-K // 128), sms, waves), warps, stages))
+            for _ in range(3):
+                call(default)                               # compiled, and the allocator holds the partial sums
+            t_default = bench(lambda: call(default))
+            best, _ = sweep(call, ref, sorted(cands))
+            best = best or (t_default, default)
+            table["linear"][f"{g._block_m(M)},{N},{K}"] = list(best[1])
+            rows.append(dict(gemm=name, rows=M, bf16_us=bf16, default_us=t_default, best_us=best[0],
+                             best=list(best[1]), best_vs_bf16=best[0] / bf16, fp8_TBps=N * K / best[0] / 1e6))
+            print(json.dumps(rows[-1]), flush=True)
+        del sets
+    E = 256
+    for name, N, K in FP8_EXPERTS:
+        sets = q8((E, N, K), 1)
+        w8, s, w = sets[0]
+        for B in batches:
+            ids = torch.stack([torch.randperm(E, device=DEV)[:8] for _ in range(B)]).view(-1)
+            counts = torch.bincount(ids, minlength=E)
+            offs = counts.cumsum(0).to(torch.int32)
+            T, busy = B * 8, int((counts > 0).sum())
+            x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16)
+            ref = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+            call = lambda t, check=False: g.fp8_grouped(x, w8, s, offs, t)          # noqa: E731
+            bf16 = bench(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs))
+            default = g.grouped_tiles(T, E, N, K, sms)
+            cands = {default}
+            for bn, waves, warps, stages in itertools.product((32, 64, 128), (1, 2, 4, 8), (4, 8), (3, 4)):
+                cands.add(g.Tiles(bn, g._split_for(-(-N // bn) * min(T, E), -(-K // 128), sms, waves), warps,
+                                  stages))
+            for _ in range(3):
+                call(default)
+            t_default = bench(lambda: call(default))
+            best, _ = sweep(call, ref, sorted(cands))
+            best = best or (t_default, default)
+            table["grouped"][f"{g.busy_bucket(min(T, E))},{N},{K}"] = list(best[1])
+            rows.append(dict(gemm=f"{name} x{busy} used", rows=T, bf16_us=bf16, default_us=t_default,
+                             best_us=best[0], best=list(best[1]), best_vs_bf16=best[0] / bf16,
+                             fp8_TBps=busy * N * K / best[0] / 1e6))
+            print(json.dumps(rows[-1]), flush=True)
+        del sets, w8, s, w
+    del os.environ["RAYMOE_FP8_TILES"]
+    torch.cuda.empty_cache()
+    print("\n| GEMM | rows | bf16 us | FP8 rule-of-thumb tiles us | FP8 tuned us | tuned tiles (block_n, split_k, "
+          "warps, stages) | tuned / bf16 | FP8 weight TB/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['gemm']} | {r['rows']} | {r['bf16_us']:.1f} | {r['default_us']:.1f} | {r['best_us']:.1f} | "
+              f"{tuple(r['best'])} | {r['best_vs_bf16']:.2f} | {r['fp8_TBps']:.2f} |")
+    device = torch.cuda.get_device_name(0)
+    if write:
+        data = json.loads(g.TILES_FILE.read_text()) if g.TILES_FILE.exists() else {}
+        data[device] = table
+        g.TILES_FILE.write_text(tiles_json(data))
+        g.tuned_tiles.cache_clear()
+        print(f"wrote the tuned tiles for {device} to {g.TILES_FILE}", flush=True)
+    return dict(device=device, rows=rows, table=table)
 
 
 def bench_steps(hf, ours, cfg, bw: float, batches: list[int], prompt: int, steps: int, peer_batches: list[int],
@@ -572,8 +745,8 @@ def bench_fp8_steps(ours, cfg, bw: float, batches: list[int], prompt: int, steps
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="steps", help="comma list of: kernel, fp8, steps, long, fidelity, "
-                    "fp8steps")
+    ap.add_argument("--sections", default="steps", help="comma list of: kernel, fp8, fp8tune, steps, long, "
+                    "fidelity, profile, fp8steps")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=30)
@@ -586,6 +759,9 @@ def main() -> None:
     ap.add_argument("--long-batches", default="1,8")
     ap.add_argument("--no-sweep", action="store_true", help="kernel section: skip the tile sweep")
     ap.add_argument("--profile-batches", default="1,32", help="profile section")
+    ap.add_argument("--tune-rows", default="1,32", help="fp8tune: rows of the linear GEMMs")
+    ap.add_argument("--tune-batches", default="1,8,32", help="fp8tune: decode batches of the expert GEMMs (top-8)")
+    ap.add_argument("--no-write", action="store_true", help="fp8tune: do not write fp8_tiles.json")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="small dims on the CPU: checks the script, times nothing")
     a = ap.parse_args()
@@ -603,6 +779,8 @@ def main() -> None:
     result = dict(copy_bw=bw, matmul_tflops=tf, layers=a.layers, prompt=a.prompt)
     if "kernel" in sections:
         result["kernel"] = bench_kernel(bw, tf, ints(a.contexts), ints(a.kernel_batches), sweep=not a.no_sweep)
+    if "fp8tune" in sections:
+        result["fp8tune"] = bench_fp8_tune(ints(a.tune_rows), ints(a.tune_batches), write=not a.no_write)
     if "fp8" in sections:
         result["fp8"] = bench_fp8(bw, [1, 32])
     if sections & {"steps", "long", "fidelity", "profile", "fp8steps"}:

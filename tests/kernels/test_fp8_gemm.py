@@ -23,7 +23,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @needs_kernels
 @pytest.mark.parametrize("M,N,K", [(1, 256, 384), (5, 200, 300), (32, 384, 256)])
-@pytest.mark.parametrize("split_k", [None, 1, 2])
+@pytest.mark.parametrize("split_k", [None, 1, 2, 3])
 def test_fp8_linear_equals_dequantised(M, N, K, split_k):
     from raymoe.platform.kernels.fp8_gemm import fp8_linear
     g = torch.Generator().manual_seed(M * 7 + N)
@@ -35,17 +35,19 @@ def test_fp8_linear_equals_dequantised(M, N, K, split_k):
 
 
 @needs_kernels
-def test_fp8_grouped_equals_per_expert():
-    from raymoe.platform.kernels.fp8_gemm import fp8_grouped
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+@pytest.mark.parametrize("counts", [[3, 0, 20, 1, 0, 5],             # empty experts, one longer than a row tile
+                                    [0, 0, 0, 0, 2, 0, 0, 1, 0, 0]])  # fewer rows than experts: busy ones late
+def test_fp8_grouped_equals_per_expert(split_k, counts):
+    from raymoe.platform.kernels.fp8_gemm import Tiles, fp8_grouped
     g = torch.Generator().manual_seed(3)
-    E, N, K = 6, 192, 320
+    E, N, K = len(counts), 192, 320
     parts = [_weight(N, K, g) for _ in range(E)]
     w8 = torch.stack([p[0] for p in parts])
     s = torch.stack([p[1] for p in parts])
-    counts = [3, 0, 20, 1, 0, 5]                          # empty experts, one longer than a row tile
     offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEV)
     x = torch.randn(sum(counts), K, generator=g).to(torch.bfloat16).to(DEV)
-    y = fp8_grouped(x, w8, s, offs)
+    y = fp8_grouped(x, w8, s, offs, None if split_k is None else Tiles(64, split_k, 4, 3))
     ref = torch.cat([x[o - c:o].float() @ parts[e][2].T for e, (c, o) in enumerate(zip(counts, offs.tolist()))])
     assert _rel(y, ref) < 1e-2
 
