@@ -130,11 +130,12 @@ def kernel_query_len(q: torch.Tensor, cache: torch.Tensor, meta: PagedAttention)
 
 
 def _values(probs: torch.Tensor, kv: torch.Tensor, value_dim: int) -> torch.Tensor:
-    """probs @ kv[..., :value_dim] -> [B, M, value_dim]. On the CPU the product runs over the whole latent and the
-    result is sliced: the CPU batched GEMM copies a sliced (strided) operand first, which costs more than the
-    extra rope lanes (about twice the product itself at batch 32); the values are the same."""
+    """probs @ kv[..., :value_dim] -> [B, M, value_dim]. On the CPU in bf16/fp16 the product runs over the whole
+    latent and the result is sliced: that batched GEMM copies a sliced (strided) operand first, which costs more
+    than the extra rope lanes (about twice the product itself at batch 32); the values are the same. fp32 (MKL)
+    takes the strided operand as it is."""
     # probs: [B, M, L]; kv: [B, L, D] with D >= value_dim
-    if kv.device.type == "cpu":
+    if kv.device.type == "cpu" and kv.dtype in (torch.bfloat16, torch.float16):
         return torch.bmm(probs, kv)[..., :value_dim]
     return torch.bmm(probs, kv[..., :value_dim])
 
