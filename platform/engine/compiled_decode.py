@@ -17,7 +17,7 @@ import torch
 
 from raymoe.platform.engine.uniform_batch import run_uniform, uniform_inputs
 from raymoe.platform.model import DeepseekV3ForCausalLM
-from raymoe.platform.model.moe import ExpertDispatch, ExpertLora, RoutedExperts
+from raymoe.platform.model.moe import STATIC_PATHS, ExpertDispatch, ExpertLora, RoutedExperts
 from raymoe.platform.model.multi_lora import RowLoraDispatch
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,10 @@ _LORA_WEIGHTS = ("gate_up_proj", "down_proj")
 
 class _OpaqueDispatch(ExpertDispatch):
     """An MoE dispatch for the compiled step, wrapping the layer's dispatch (`inner`; None: its local experts).
-    Local experts with at most 16 (token, expert) pairs are traced (their gathered-weights path has static shapes:
-    it fuses); anything larger, any other dispatch, or per-row LoRA factors (`multi_lora`: the slots and the
-    stacks travel as tensor arguments) run whole (send and wait) behind `eager_experts`."""
+    Local experts whose inference path has static shapes (`RoutedExperts.inference_path` in STATIC_PATHS: a few
+    pairs gathered, or every expert dense) are traced: they fuse; other batches, any other dispatch, or per-row
+    LoRA factors (`multi_lora`: the slots and the stacks travel as tensor arguments) run whole (send and wait)
+    behind `eager_experts`."""
 
     def __init__(self, experts: RoutedExperts, inner: ExpertDispatch | None) -> None:
         self.experts, self.inner = experts, inner
@@ -66,7 +67,7 @@ class _OpaqueDispatch(ExpertDispatch):
                 raise ValueError("the compiled CPU step takes per-row LoRA stacks (multi_lora) only")
             stacks = [t for n in _LORA_WEIGHTS for t in (lora[n].a, lora[n].b)]
             return eager_experts(self.handle, layer, hidden, topk_ids, topk_w, lora["down_proj"].slots, stacks)
-        if self.inner is None and topk_ids.numel() <= 16:
+        if self.inner is None and self.experts.inference_path(*topk_ids.shape) in STATIC_PATHS:
             return self.experts(hidden, topk_ids, topk_w)
         return eager_experts(self.handle, layer, hidden, topk_ids, topk_w, None, [])
 
@@ -95,8 +96,10 @@ class CompiledDecode:
         # Dynamo keeps at most cache_size_limit graphs per function and then runs it eagerly without a word; every
         # engine in a process adds its own few graphs (the guards hold `self`), so leave room for many engines
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # freezing: the weights become constants of the graph, so Inductor prepacks them for its CPU GEMMs
-        # (about 1.5x on a decode step of the tiny model); a change of weights needs a new engine
+        # freezing: meant to make the weights constants of the graph, prepacked for oneDNN's CPU GEMMs. With torch
+        # 2.13 this option is not applied (the generated code calls plain mm on weight inputs; setting
+        # torch._inductor.config.freezing while compiling does pack them: ~3% of a batch-8 step on the tiny vllm
+        # preset, and a third early greedy parting in test_cpu_bf16, so not switched on yet)
         self._step = torch.compile(self._forward, dynamic=None, options={"freezing": True})
         self._mtp_step = torch.compile(self._mtp_forward, dynamic=None, options={"freezing": True})
 
@@ -129,6 +132,11 @@ class CompiledDecode:
         hidden [B * q, H], or None when compilation failed."""
         return self._call("mtp", self._mtp_step, hidden, next_ids, tables, starts)
 
+    def _paths(self, tokens: int) -> tuple[str, ...]:
+        """The local experts' inference path of each MoE layer for a step of `tokens` rows: what tells the graphs
+        of one query length apart, besides a batch of one."""
+        return tuple(m.experts.inference_path(tokens, self.top_k) for m in self.model.moe_layers())
+
     def _call(self, which: str, fn, hidden: torch.Tensor | None, tokens: list[list[int]], tables: list[list[int]],
               starts: list[int], lora: list[int] | None = None) -> torch.Tensor | None:
         B, q = len(tokens), len(tokens[0])
@@ -143,7 +151,7 @@ class CompiledDecode:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         # Once a shape class has a graph, evaluate only the guards that tell the existing graphs apart: the full
         # guard set (every parameter of the model) costs a quarter of a millisecond per step.
-        key = (which, q, B == 1, B * q * self.top_k <= 16, lora is not None)
+        key = (which, q, B == 1, self._paths(B * q), lora is not None)
         extra = {"lora": inp.lora} if lora is not None else {}
         try:
             if key in self.seen:

@@ -34,15 +34,13 @@ def uniform_inputs(tokens: list[list[int]], tables: list[list[int]], starts: lis
     B, q = len(tokens), len(tokens[0])
     R = rows or B
     W = width or max(len(t) for t in tables)
-    table = torch.full((R, W), pad_block, dtype=torch.long)
-    for r, t in enumerate(tables):
-        table[r, :len(t)] = torch.tensor(t, dtype=torch.long)
-    first = torch.zeros(R, dtype=torch.long)
-    first[:B] = torch.tensor(starts, dtype=torch.long)
+    # one host list per tensor, then one torch.tensor each (a tensor per row costs more than the rest of it)
+    pad = [pad_block] * W
+    table = torch.tensor([t + pad[len(t):] for t in tables] + [pad] * (R - B), dtype=torch.long)
+    first = torch.tensor(starts + [0] * (R - B), dtype=torch.long)
     pos = (first[:, None] + torch.arange(q)).reshape(-1)                         # [R * q]
     block = table.repeat_interleave(q, dim=0).gather(1, (pos // block_size)[:, None]).squeeze(1)
-    ids = torch.zeros(R * q, dtype=torch.long)
-    ids[:B * q] = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
+    ids = torch.tensor([t for seq in tokens for t in seq] + [0] * ((R - B) * q), dtype=torch.long)
     slots = None
     if lora is not None:
         slots = torch.full((R, q), -1, dtype=torch.long)

@@ -129,6 +129,17 @@ def kernel_query_len(q: torch.Tensor, cache: torch.Tensor, meta: PagedAttention)
     return qlen if qlen is not None and qlen <= KERNEL_MAX_QUERY_LEN else None
 
 
+def _values(probs: torch.Tensor, kv: torch.Tensor, value_dim: int) -> torch.Tensor:
+    """probs @ kv[..., :value_dim] -> [B, M, value_dim]. On the CPU in bf16/fp16 the product runs over the whole
+    latent and the result is sliced: that batched GEMM copies a sliced (strided) operand first, which costs more
+    than the extra rope lanes (about twice the product itself at batch 32); the values are the same. fp32 (MKL)
+    takes the strided operand as it is."""
+    # probs: [B, M, L]; kv: [B, L, D] with D >= value_dim
+    if kv.device.type == "cpu" and kv.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(probs, kv)[..., :value_dim]
+    return torch.bmm(probs, kv[..., :value_dim])
+
+
 def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAttention, scale: float,
                            value_dim: int) -> torch.Tensor:
     """Absorbed attention for a batch over the paged cache.
@@ -151,7 +162,7 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAtte
         scores = torch.bmm(q, kv.transpose(1, 2)).float() * scale           # [B, H, L]
         scores.masked_fill_(pad[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(kv.dtype)
-        return torch.bmm(probs, kv[..., :value_dim])                        # [B, H, R]
+        return _values(probs, kv, value_dim)                                # [B, H, R]
     qlen = meta.uniform_query_len
     if qlen is not None and (qlen <= 16 or meta.query_len is not None):
         # every sequence computes the same few tokens (MTP verification, short chunks; any number for a batch
@@ -165,7 +176,7 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: PagedAtte
         hide = torch.arange(L, device=q.device)[None, None, :] > pos[:, :, None]              # [B, q, L]
         scores.masked_fill_(hide[:, :, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(kv.dtype).view(B, qlen * H, L)
-        return torch.bmm(probs, kv[..., :value_dim]).view(B * qlen, H, value_dim)
+        return _values(probs, kv, value_dim).view(B * qlen, H, value_dim)
     out = q.new_empty(q.shape[0], q.shape[1], value_dim)
     for b in range(meta.num_seqs):
         s, e = meta.query_start[b], meta.query_start[b + 1]

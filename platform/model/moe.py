@@ -199,6 +199,10 @@ class _Combine(torch.autograd.Function):
 
 
 GATHER_LORA_PAIRS = 1024   # CPU inference: per-row expert LoRA gathers each pair's factors up to this many pairs
+GATHER_PAIRS = 16          # CPU inference: the gathered-weights path serves up to this many (token, expert) pairs
+DENSE_WASTE = 4            # CPU inference: every expert over every token when that is at most this many times the
+                           # work of the chosen experts (n_routed_experts <= DENSE_WASTE * num_experts_per_tok)
+STATIC_PATHS = ("gathered", "dense")   # inference paths with static shapes: a compiler can trace them
 
 
 def _per_row(lora: dict[str, ExpertLora] | None) -> dict[str, ExpertLora] | None:
@@ -213,8 +217,8 @@ class RoutedExperts(nn.Module):
     [first, first + count), or any sorted `expert_ids` (an expert-parallel shard's share under a placement plan).
 
     Paths: the grouped GEMM on CUDA bf16, and on the CPU under autograd or with LoRA (torch's CPU grouped GEMM);
-    without autograd on the CPU, gathered weights for a few tokens or a padded batch for many; a per-expert loop
-    where the grouped GEMM is missing. `lora` maps "gate_up_proj" / "down_proj" to their factors.
+    without autograd on the CPU, gathered weights for a few tokens, every expert densely for many tokens over few
+    experts, or a padded batch (`inference_path`); a per-expert loop where the grouped GEMM is missing. `lora` maps "gate_up_proj" / "down_proj" to their factors.
 
     `use_fp8()` holds the stacks in FP8 instead (inference only): e4m3 stacks of the same shapes with per-expert
     128 x 128 block scales `gate_up_proj_scale_inv` [E, 2 ceil(I/128), ceil(H/128)] (gate's blocks, then up's) and
@@ -305,10 +309,27 @@ class RoutedExperts(nn.Module):
         if self._grouped_ok(x, lora, gather_lora=rows is not None):
             return self._grouped(x, topk_ids, topk_w, lora)
         if not torch.is_grad_enabled() and (not lora or rows is not None):
-            if topk_ids.numel() <= 16 and self.count == self.n_total and self._table is None:
+            path = self.inference_path(topk_ids.shape[0], topk_ids.shape[1], rows is not None)
+            if path == "gathered":
                 return self._gathered(x, topk_ids, topk_w, rows)
+            if path == "dense":
+                return self._dense(x, topk_ids, topk_w)
             return self._padded(x, topk_ids, topk_w, rows)
         return self._loop(x, topk_ids, topk_w, lora)
+
+    def inference_path(self, tokens: int, k: int, per_row_lora: bool = False) -> str:
+        """The path of an inference call without autograd that does not take the grouped GEMM (the CPU, or CUDA
+        in fp32), for `tokens` rows of k experts each: "gathered" (at most GATHER_PAIRS pairs), "dense" (more,
+        where every expert over every token costs at most DENSE_WASTE times the chosen experts' work; not with
+        per-row LoRA), else "padded". The first two need every expert held here; they have static shapes
+        (STATIC_PATHS), so a compiled step can trace them."""
+        if self.count != self.n_total or self._table is not None:
+            return "padded"
+        if tokens * k <= GATHER_PAIRS:
+            return "gathered"
+        if not per_row_lora and self.count <= DENSE_WASTE * k:
+            return "dense"
+        return "padded"
 
     def _local(self, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat local expert index of each (token, slot) pair, and whether this module holds it."""
@@ -369,6 +390,20 @@ class RoutedExperts(nn.Module):
             y += self._pair_lora(lora["down_proj"], act, rows, ids)
         w = torch.where(topk_ids >= 0, topk_w, 0).to(x.dtype)
         return (y.view(N, k, -1) * w[..., None]).sum(1)
+
+    def _dense(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """Many tokens over few experts (CPU decode of a small model): every expert on every token, as two plain
+        GEMMs over the experts side by side, with the routing weights (0 for the experts a token did not choose)
+        applied between them. No sort, no padding, no host sync, static shapes; costs n_routed_experts / k times
+        the chosen experts' work, so only where that is small (`inference_path`)."""
+        N, k = topk_ids.shape
+        E, two_i, h = self.count, self.gate_up_proj.shape[1], x.shape[1]
+        w = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter_add_(            # [N, E]; id -1: weight 0
+            1, topk_ids.clamp(min=0), torch.where(topk_ids >= 0, topk_w, 0).to(x.dtype))
+        hid = F.linear(x, self.dense("gate_up_proj", x.dtype).reshape(E * two_i, h)).view(N, E, two_i)
+        act = fused.swiglu(hid) * w[:, :, None]                                         # [N, E, I]
+        down = self.dense("down_proj", x.dtype).permute(1, 0, 2).reshape(h, -1)          # [H, E * I]
+        return F.linear(act.reshape(N, -1), down)
 
     def _pair_lora(self, f: ExpertLora, x: torch.Tensor, rows: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Per-row LoRA of (token, expert) pairs, each with its own factors gathered (a few pairs: CPU decode).

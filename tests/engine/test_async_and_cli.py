@@ -96,6 +96,10 @@ def test_incremental_detokenizer_never_splits_utf8(tiny_ckpt):
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
     assert len(ids) > len(text.encode("utf-8")) // 4        # multi-byte characters really span several tokens
+    assert det.backend is not None                            # the fast tokenizer's own decode, called directly
+    slow = IncrementalDetokenizer(tok, [0])
+    slow.backend = None                                       # through transformers' decode: the same pieces
+    assert [slow.push([i]) for i in ids] + [slow.flush()] == pieces
 
 
 def test_generate_cli(tiny_ckpt):

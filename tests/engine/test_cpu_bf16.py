@@ -91,7 +91,7 @@ def test_bf16_logits_within_bf16_tolerance(model16, model32):
 def test_bf16_engine_greedy_matches_fp32_where_margins_allow(tiny_ckpt_fp32, model16, reference, compiled):
     """The bf16 engine (paged bf16 latent cache; `cpu_compile`: the decode step through torch.compile with frozen,
     oneDNN-packed bf16 weights) on 12 prompts at once: every token equals fp32's up to the first step whose fp32
-    margin is below MARGIN (at most one sequence may part earlier, at a margin below 0.25: a routing flip), and
+    margin is below MARGIN (at most two sequences may part earlier, at a margin below 0.25: routing flips), and
     the chosen tokens' logprobs there are within a few % of fp32's."""
     eng = LLMEngine(EngineConfig(model=str(tiny_ckpt_fp32), dtype="bfloat16", cpu_compile=compiled, num_blocks=256,
                                  block_size=4, max_num_batched_tokens=64), model=model16)
@@ -109,9 +109,11 @@ def test_bf16_engine_greedy_matches_fp32_where_margins_allow(tiny_ckpt_fp32, mod
                 flips.append(margins[step])
                 break
             lp_err.append(abs(got_lp[step] - lps[step]))
-    # a routing flip can move a logit by more than MARGIN (seen once: margin 0.167, compiled); a broken path would
-    # differ at wide margins in most sequences
-    assert len(flips) <= 1 and all(m < 0.25 for m in flips), flips
+    # a routing flip can move a logit by more than MARGIN (seen: margin 0.167 once, compiled; 0.110 and 0.129 with
+    # the dense expert path, whose rounding differs); a broken path would differ at wide margins in most sequences.
+    # Over 96 sequences (8 prompt sets like these, eager) the padded and the dense expert paths part early alike:
+    # 4 and 5 sequences, at margins 0.11-0.50
+    assert len(flips) <= 2 and all(m < 0.25 for m in flips), flips
     assert len(lp_err) >= 15, len(lp_err)    # the margins let a fair share of the tokens be compared (30 of 120)
     lp_err = torch.tensor(lp_err)
     assert lp_err.median() <= 0.1 and lp_err.max() <= 0.35, lp_err     # logprobs near -4: a few % of them

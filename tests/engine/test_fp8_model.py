@@ -120,7 +120,7 @@ def test_fp8_gate_up_apart_and_together_equal_dequantised(tiny_ckpt_fp8, fp8_wid
         x = torch.randn(21, ref.config.hidden_size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             ids, w, _ = gate(x)
-            for fn in ("_loop", "_padded", "_grouped"):
+            for fn in ("_loop", "_padded", "_dense", "_grouped"):
                 assert torch.equal(getattr(ex_q, fn)(x, ids, w), getattr(ex_r, fn)(x, ids, w)), (path.name, fn)
             assert torch.equal(ex_q._gathered(x[:2], ids[:2], w[:2]), ex_r._gathered(x[:2], ids[:2], w[:2]))
 

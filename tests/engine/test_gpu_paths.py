@@ -1,4 +1,5 @@
-"""Expert kernels agree (grouped GEMM, gathered small-batch, per-expert loop); CUDA-graph decode equals eager.
+"""Expert kernels agree (grouped GEMM, gathered small-batch, dense, padded, per-expert loop); CUDA-graph decode
+equals eager.
 
 The grouped path is checked on any machine (torch's CPU fallback of _grouped_mm); the CUDA-graph test needs a GPU.
 """
@@ -25,7 +26,16 @@ def test_grouped_experts_equal_loop(tiny_ckpt_fp32):
         got = experts._grouped(x, ids, w)
         few = experts._gathered(x[:3], ids[:3], w[:3])
         padded = experts._padded(x, ids, w)
+        dense = experts._dense(x, ids, w)
+        no_one = experts._dense(x, torch.where(ids == ids[:, :1], -1, ids), w)    # an id -1 adds nothing
+        auto = experts(x, ids, w)
     assert (padded - ref).abs().max() < 1e-5
+    assert (dense - ref).abs().max() < 1e-5
+    assert (no_one - experts._loop(x, torch.where(ids == ids[:, :1], -1, ids), w)).abs().max() < 1e-5
+    # the tiny preset: 16 experts, 4 per token, so every expert on every token is 4x the work: dense past 16 pairs
+    assert [experts.inference_path(n, 4) for n in (1, 4, 5, 37)] == ["gathered", "gathered", "dense", "dense"]
+    assert experts.inference_path(37, 4, per_row_lora=True) == "padded"
+    assert torch.equal(auto, dense)
     assert (got - ref).abs().max() < 1e-5
     assert (few - ref[:3]).abs().max() < 1e-5
     with torch.no_grad():    # a shard holding experts 4..11 only: the other rows contribute nothing
@@ -35,6 +45,7 @@ def test_grouped_experts_equal_loop(tiny_ckpt_fp32):
         part.down_proj.copy_(experts.down_proj[4:12])
         assert (part._grouped(x, ids, w) - part._loop(x, ids, w)).abs().max() < 1e-5
         assert (part._padded(x, ids, w) - part._loop(x, ids, w)).abs().max() < 1e-5
+        assert part.inference_path(37, 4) == "padded"                  # dense and gathered need every expert
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
