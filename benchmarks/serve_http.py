@@ -8,7 +8,8 @@ delta).
     .venv/bin/python benchmarks/serve_http.py [--model DIR] [--max-tokens 64] [--concurrency 1,16,64]
         [--variants separate,fused] [--json OUT.json]
 
-A variant is `separate` or `fused`, optionally with app args after a colon: `fused:max_ongoing_requests=64`.
+A variant is `separate` or `fused`, optionally with app args after a colon, `;`-separated:
+`fused:max_ongoing_requests=64`, `separate:engine_core=process`.
 Variants are deployed one after the other on the same Ray cluster (one app up at a time).
 
 The two sides alternate, one at a time, best of --repeats each (the direct engine idles while HTTP runs). Both
@@ -183,7 +184,10 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     extra: dict = {"ingress": kind}
     for kv in filter(None, rest.split(";")):
         k, _, v = kv.partition("=")
-        extra[k] = json.loads(v)
+        try:
+            extra[k] = json.loads(v)
+        except json.JSONDecodeError:           # a bare word: engine_core=process
+            extra[k] = v
     return spec, extra
 
 

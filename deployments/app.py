@@ -153,5 +153,5 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
     if vllm:
         extra = (cfg.vllm_settings().engine_args, cfg.vllm_settings().env)
     else:                                      # lora_modules: loaded by every replica before it takes requests
-        extra = ([AdapterRef(name=n, path=p) for n, p in cfg.lora_modules.items()],)
+        extra = ([AdapterRef(name=n, path=p) for n, p in cfg.lora_modules.items()], cfg.engine_process)
     return ingress.bind(cfg, model.bind(engine, metrics, cfg.metrics_interval_s, *extra), metrics)

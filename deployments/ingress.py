@@ -52,7 +52,7 @@ from raymoe.deployments.protocol import (AssistantMessage, ChatChoice, ChatCompl
                                          UnloadLoraAdapterRequest)
 from raymoe.platform.checkpoint.tokenizer import THINK_BEGIN
 from raymoe.platform.config import ModelConfig
-from raymoe.platform.engine import RequestError
+from raymoe.platform.engine import EngineDead, RequestError
 from raymoe.platform.engine.adapters import AdapterInvalid, AdapterNotFound
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,8 @@ class OpenAIIngress:
         self.tt = translate.TokenText(self.tokenizer)
         # fused (model is None): this replica owns the engine; separate: a streaming handle to ModelServer
         preload = [AdapterRef(name=n, path=p) for n, p in cfg.lora_modules.items()]
-        self.host = (await _own_model_server(ecfg, metrics, cfg.metrics_interval_s, preload) if model is None
-                     else None)
+        self.host = (await _own_model_server(ecfg, metrics, cfg.metrics_interval_s, preload, cfg.engine_process)
+                     if model is None else None)
         self.model_handle = model
         self.model = model.options(stream=True) if model is not None else None
         self.admit = cfg.max_ongoing_requests + cfg.max_queued_requests
@@ -402,7 +402,8 @@ class OpenAIIngress:
         if isinstance(e, RequestError):         # raised in the replica: Ray wraps it; its own text is the cause's
             msg = _cause(e)
             return APIError(400, msg, "max_tokens" if "max_tokens" in msg else None)
-        if isinstance(e, (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError, RayActorError)):
+        if isinstance(e, (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError, RayActorError,
+                          EngineDead)):              # EngineDead: the replica's engine process is gone
             return APIError(503, "no model replica is available right now; retry later", None,
                             "service_unavailable", retry)
         if isinstance(e, (asyncio.CancelledError, RequestCancelledError)):

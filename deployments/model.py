@@ -1,4 +1,7 @@
-"""ModelServer: the model deployment. Each replica owns one AsyncEngine built from one EngineConfig.
+"""ModelServer: the model deployment. Each replica owns one engine built from one EngineConfig, stepped in a
+child process of its own (EngineProcess; the replica's event loop, which does Serve's per-request work for every
+token, then never shares a GIL with the steps) or in a thread of the replica (AsyncEngine; with expert shards):
+ServeAppConfig.engine_core. Both are an EngineClient; this module asks nothing of the engine object behind them.
 
 `generate` streams a request's deltas back to the ingress, coalescing those that are ready together into one
 message (one Ray streaming item per engine step, not per token, once a replica is busy). A caller that goes away
@@ -28,27 +31,18 @@ from ray import serve
 from raymoe.deployments.adapters import AdapterRef, fetch
 from raymoe.deployments.metrics import EngineReport
 from raymoe.platform.config import EngineConfig, SamplingParams
-from raymoe.platform.engine import AsyncEngine
+from raymoe.platform.engine import AsyncEngine, EngineClient, EngineProcess
 from raymoe.platform.engine.adapters import AdapterNotFound
 
 log = logging.getLogger(__name__)
 
 
-def _adapters_of(seqs) -> list[str]:
-    """The adapter names of a scheduler queue (read from the engine thread's live queue: retried if it moves)."""
-    for _ in range(3):
-        try:
-            return sorted({s.params.adapter for s in list(seqs) if s.params.adapter})
-        except RuntimeError:                    # the deque changed while being copied
-            continue
-    return []
-
-
 @serve.deployment(name="ModelServer")
 class ModelServer:
     async def __init__(self, engine_config: EngineConfig, metrics=None, metrics_interval_s: float = 1.0,
-                       preload: list[AdapterRef] = ()) -> None:
-        self.engine = AsyncEngine(engine_config)
+                       preload: list[AdapterRef] = (), engine_process: bool = False) -> None:
+        front = EngineProcess if engine_process else AsyncEngine
+        self.engine: EngineClient = await asyncio.to_thread(front, engine_config)
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id if ctx else "local"
         self.metrics, self.interval = metrics, metrics_interval_s
@@ -74,13 +68,13 @@ class ModelServer:
         """Fetch and load `ref` into the engine (replacing an older generation of its name). Raises the engine's
         AdapterInvalid for a broken adapter."""
         async with self._load_lock:
-            if self._loaded.get(ref.name) == ref and ref.name in self.engine.engine.adapters():
+            if self._loaded.get(ref.name) == ref and ref.name in await self.engine.adapters():
                 return ref
             local = await asyncio.to_thread(fetch, ref, self._cache)
-            if ref.name in self.engine.engine.adapters():
-                await asyncio.to_thread(self.engine.engine.unload_adapter, ref.name)
+            if ref.name in await self.engine.adapters():
+                await self.engine.unload_adapter(ref.name)
             self._loaded.pop(ref.name, None)
-            info = await asyncio.to_thread(self.engine.engine.load_adapter, ref.name, local)
+            info = await self.engine.load_adapter(ref.name, str(local))
             log.info("loaded adapter %s (rank %s) from %s", ref.name, info.get("rank"), ref.path)
             self._loaded[ref.name] = ref
             return ref
@@ -90,7 +84,7 @@ class ModelServer:
         this replica holds it), then again directly if the engine has dropped it or holds another generation."""
         self._wanted[ref.name] = ref
         await self._adapter(ref.name)
-        if self._loaded.get(ref.name) != ref or ref.name not in self.engine.engine.adapters():
+        if self._loaded.get(ref.name) != ref or ref.name not in await self.engine.adapters():
             await self._load(ref)
 
     async def load_adapter(self, ref: AdapterRef) -> dict:
@@ -104,10 +98,10 @@ class ModelServer:
         async with self._load_lock:
             self._loaded.pop(name, None)
             self._wanted.pop(name, None)
-            if name not in self.engine.engine.adapters():
+            if name not in await self.engine.adapters():
                 return False
             try:
-                await asyncio.to_thread(self.engine.engine.unload_adapter, name)
+                await self.engine.unload_adapter(name)
             except AdapterNotFound:
                 return False
             return True
@@ -122,16 +116,11 @@ class ModelServer:
             yield batch
 
     def stats(self) -> dict:
-        s = self.engine.stats()
-        # LLMEngine.stats() has the hits but not the lookups; read them where the block manager keeps them
-        s.setdefault("prefix_cache_queries", getattr(getattr(self.engine.engine, "blocks", None), "prefix_queries", 0))
-        sched = self.engine.engine.scheduler
-        s["running_adapters"], s["waiting_adapters"] = _adapters_of(sched.running), _adapters_of(sched.waiting)
-        return s
+        return self.engine.stats()
 
     def check_health(self) -> None:
-        if not self.engine._thread.is_alive():
-            raise RuntimeError("the engine thread has stopped")
+        if not self.engine.alive:
+            raise RuntimeError("the engine has stopped")
 
     async def _report_loop(self) -> None:
         while True:
@@ -141,7 +130,7 @@ class ModelServer:
                     replica=self.replica, running=s["running"], waiting=s["waiting"],
                     kv_cache_usage=s["kv_cache_usage"], prefix_cache_queries=s["prefix_cache_queries"],
                     prefix_cache_hits=s["prefix_cache_hits"], preemptions=s.get("preemptions", 0),
-                    expert_load=self.engine.engine.expert_load(), max_lora=self.max_loras,
+                    expert_load=await self.engine.expert_load(), max_lora=self.max_loras,
                     running_adapters=s["running_adapters"], waiting_adapters=s["waiting_adapters"]))
             except Exception as e:             # noqa: BLE001 (metrics never take a replica down)
                 log.warning("metrics report failed: %s", e)

@@ -69,6 +69,11 @@ class Delta:
         return self.finish_reason is not None
 
 
+def _adapters_of(seqs) -> list[str]:
+    """The adapter names of a scheduler queue (the engine's thread only)."""
+    return sorted({s.params.adapter for s in seqs if s.params.adapter})
+
+
 @dataclass
 class _Out:
     """Per-sequence output state kept by the engine (detokenizer, stop-string holdback)."""
@@ -485,6 +490,9 @@ class LLMEngine:
         span = now - self._gen_times[0][0] if len(self._gen_times) > 1 else 0
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_cache_usage": round(self.blocks.usage, 4), "num_blocks": self.blocks.num_blocks,
-                "prefix_cache_hits": self.blocks.prefix_hits, "preemptions": self.scheduler.num_preemptions,
+                "prefix_cache_hits": self.blocks.prefix_hits, "prefix_cache_queries": self.blocks.prefix_queries,
+                "preemptions": self.scheduler.num_preemptions,
+                "running_adapters": _adapters_of(self.scheduler.running),
+                "waiting_adapters": _adapters_of(self.scheduler.waiting),
                 "generation_tokens_per_s": round(sum(n for _, n in self._gen_times) / span, 2) if span else 0.0,
                 "total_generated_tokens": self.total_generated, "adapters": self.adapter_pool.stats()}

@@ -1,11 +1,14 @@
-"""A model replica that dies mid-request: its caller gets a 503 in OpenAI's format with Retry-After (never a stack
-trace or a hang), and the app serves again once Serve has replaced the replica."""
+"""A model replica, or the engine process of one, that dies mid-request: its caller gets a 503 in OpenAI's format with
+Retry-After (never a stack trace or a hang), and the app serves again once Serve has replaced the replica."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
 import httpx
+import psutil
 import ray
 
 from serve_helpers import TIGHT_KEY, assert_openai_error
@@ -20,23 +23,34 @@ def _model_replica(app: str):
     return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
 
 
-def test_replica_death_is_503_then_recovers(tight):
+def _engine_process(app: str) -> psutil.Process:
+    """The child process in which the app's one model replica steps its engine (engine_core: auto). Ray titles a
+    replica's worker process `ray::ServeReplica:<app>:ModelServer`."""
+    found = [p for p in psutil.process_iter(["cmdline"]) if "child_main" in " ".join(p.info["cmdline"] or [])
+             and f"ServeReplica:{app}:ModelServer" in " ".join(p.parent().cmdline())]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _killed_mid_request(url: str, kill) -> httpx.Response:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3000, "ignore_eos": True}
     out = {}
 
     def long_request():
-        out["r"] = httpx.post(f"{tight.url}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+        out["r"] = httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
     t = threading.Thread(target=long_request)
     t.start()
     time.sleep(1.0)                             # the request is running on the replica
-    ray.kill(_model_replica(tight.app), no_restart=True)
+    kill()
     t.join(timeout=120)
     assert not t.is_alive()
-    assert_openai_error(out["r"], 503)
-    assert out["r"].headers.get("retry-after") is not None
+    return out["r"]
+
+
+def _recovers(url: str) -> None:
     deadline = time.time() + 90                 # Serve starts a new replica; then requests succeed again
     while time.time() < deadline:
-        r = httpx.post(f"{tight.url}/v1/chat/completions", headers=AUTH, timeout=60,
+        r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60,
                        json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
         if r.status_code == 200:
             break
@@ -44,3 +58,21 @@ def test_replica_death_is_503_then_recovers(tight):
         assert_openai_error(r, r.status_code)
         time.sleep(0.5)
     assert r.status_code == 200, r.text
+
+
+def test_engine_process_death_is_503_then_recovers(tight):
+    """SIGKILL the replica's engine process: the running request is a 503, the replica fails its health check and
+    Serve replaces it."""
+    child = _engine_process(tight.app)
+    r = _killed_mid_request(tight.url, lambda: os.kill(child.pid, signal.SIGKILL))
+    assert_openai_error(r, 503)
+    assert r.headers.get("retry-after") is not None
+    _recovers(tight.url)
+    assert _engine_process(tight.app).pid != child.pid
+
+
+def test_replica_death_is_503_then_recovers(tight):
+    r = _killed_mid_request(tight.url, lambda: ray.kill(_model_replica(tight.app), no_restart=True))
+    assert_openai_error(r, 503)
+    assert r.headers.get("retry-after") is not None
+    _recovers(tight.url)
