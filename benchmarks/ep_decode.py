@@ -22,18 +22,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import V3_DIMS  # noqa: E402
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-FULL_WIDTH = dict(vocab_size=16384, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-                  num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=128, q_lora_rank=1536,
-                  kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=32,
-                  num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1, num_nextn_predict_layers=0,
-                  routed_scaling_factor=2.5)
+# the release's widths; a smaller vocabulary and 32 routed experts (not 256) only to keep the file small
+FULL_WIDTH = {**V3_DIMS, "vocab_size": 16384, "num_hidden_layers": 3, "first_k_dense_replace": 1,
+              "n_routed_experts": 32, "num_nextn_predict_layers": 0}
 
 
 def write_model(full_width: bool) -> str:
@@ -157,10 +160,6 @@ def exchange_times(path: str, batch: int, reps: int, gpu: bool) -> dict[str, flo
 def adapter_table(path: str, a) -> None:
     """Per-request adapters over the shards: each sharded engine with every request on one of K adapters against
     the same engine without adapters (alternating rounds, same run); the in-process engine likewise, for scale."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from multi_lora import write_random_adapter
 
     from raymoe.platform.model import from_pretrained

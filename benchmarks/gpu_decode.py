@@ -29,9 +29,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import V3_DIMS, YARN, elapsed, matmul_tflops  # noqa: E402
 
 
 def copy_bandwidth(gb: float = 4.0) -> float:
@@ -53,19 +58,6 @@ def copy_bandwidth(gb: float = 4.0) -> float:
     return 2 * n * 2 / statistics.median(ts)      # bytes read + written per second
 
 
-def matmul_tflops(n: int = 8192) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n ** 3 * 20 / (time.perf_counter() - t) / 1e12
-
-
 DEV = "cuda"
 SMOKE = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
              num_attention_heads=4, num_key_value_heads=4, n_routed_experts=32, kv_lora_rank=64, q_lora_rank=64,
@@ -77,16 +69,11 @@ def build(layers: int, smoke: bool = False):
 
     from raymoe.platform.config import ModelConfig
     from raymoe.platform.model import DeepseekV3ForCausalLM
-    dims = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-                num_hidden_layers=layers, first_k_dense_replace=1, num_attention_heads=128, num_key_value_heads=128,
-                n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512,
-                q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8,
-                topk_group=4, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=163840,
-                rms_norm_eps=1e-6, tie_word_embeddings=False)
+    dims = {**V3_DIMS, "num_hidden_layers": layers, "first_k_dense_replace": 1, "num_key_value_heads": 128,
+            "norm_topk_prob": True, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
     if smoke:
         dims.update(SMOKE)
-    rope = dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
-                mscale=1.0, mscale_all_dim=1.0)
+    rope = dict(YARN)
     hf_cfg = DeepseekV3Config(**dims, rope_scaling=dict(rope, rope_type="yarn"), rope_theta=10000.0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(DEV):
@@ -192,13 +179,7 @@ def bench_ours(ours, cfg, batch: int, prompt: int, steps: int) -> tuple[float, f
         eng.step()
     for _ in range(5):                         # graph capture + warm-up
         eng.step()
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        eng.step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    times = [elapsed(eng.step, DEV) for _ in range(steps)]
     moes = ours.moe_layers()
     uniq = []
     for _ in range(3):
@@ -236,15 +217,13 @@ def profile_step(ours, cfg, batch: int, prompt: int, steps: int = 10, top: int =
         eng.step()
     for _ in range(5):
         eng.step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        eng.step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / steps
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+
+    def run() -> None:
         for _ in range(steps):
             eng.step()
+    wall = elapsed(run, DEV) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
         torch.cuda.synchronize()
     for rid in list(eng.requests):
         eng.abort(rid)
@@ -280,12 +259,10 @@ def bench_hf_generate(hf, cfg, batch: int, prompt: int, steps: int, static: bool
         kw["cache_implementation"] = "static"
 
     def run(n: int) -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.no_grad():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **kw)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
+        def call() -> None:
+            with torch.no_grad():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **kw)
+        return elapsed(call, DEV)
 
     run(4 + steps)                                      # compilation (static) and warm-up
     short = statistics.median(run(4) for _ in range(2))
@@ -401,13 +378,7 @@ def bench_long(ours, cfg, bw: float, contexts: list[int], batches: list[int], st
                         return runner.logits(h).argmax(-1)
                     for _ in range(3):
                         step()
-                    times = []
-                    for _ in range(steps):
-                        torch.cuda.synchronize()
-                        t = time.perf_counter()
-                        step()
-                        torch.cuda.synchronize()
-                        times.append(time.perf_counter() - t)
+                    times = [elapsed(step, DEV) for _ in range(steps)]
                     res[mode] = statistics.median(times)
                     if mode == "after":                 # routing record, eager, for the floor's expert count
                         runner.uniform = None
@@ -469,25 +440,39 @@ def fidelity(hf, ours, cfg) -> dict:
     return out
 
 
+def random_fp8(shape: tuple[int, ...], copies: int = 1) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`copies` random (e4m3 weight, block scales, the bf16 dequantised weight) of `shape` ([N, K] or [E, N, K]) on
+    DEV, made one matrix at a time (an expert stack's fp32 dequantisation would not fit beside it)."""
+    from raymoe.platform.checkpoint.fp8 import FP8_MAX, dequantize_blockwise
+    out = []
+    for _ in range(copies):
+        w8 = torch.empty(*shape, device=DEV, dtype=torch.float8_e4m3fn)
+        s = torch.rand(*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128), device=DEV) * 1e-2 / FP8_MAX
+        s += 1e-4
+        dense = torch.empty(*shape, device=DEV, dtype=torch.bfloat16)
+        for e in range(w8.shape[0] if w8.dim() == 3 else 1):
+            w8e, se, de = (w8[e], s[e], dense[e]) if w8.dim() == 3 else (w8, s, dense)
+            w8e.copy_((torch.randn(shape[-2:], device=DEV) * 16).clamp(-FP8_MAX, FP8_MAX).to(w8.dtype))
+            de.copy_(dequantize_blockwise(w8e, se, torch.bfloat16))
+        out.append((w8, s, dense))
+    return out
+
+
 def bench_fp8(bw: float, batches: list[int]) -> list[dict]:
     """Weight-only FP8 GEMMs (Triton) against bf16 (cuBLAS, torch._grouped_mm) at DeepSeek-V3's decode shapes: the
     dense/shared projections one at a time, and one layer's routed experts (256 x [4096, 7168] gate_up, top-8) in
     one grouped launch. Weights rotate past the L2 where they are small."""
     import triton.testing
 
-    from raymoe.platform.checkpoint.fp8 import FP8_MAX
     from raymoe.platform.kernels.fp8_gemm import fp8_grouped, fp8_linear
     rows = []
-
-    def q8(shape):
-        w = torch.randn(*shape, device=DEV, dtype=torch.bfloat16)
-        s = torch.rand(*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128), device=DEV) * 1e-2 / FP8_MAX + 1e-4
-        return (w * 16).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s, w
+    shapes = {name: (N, K) for name, N, K in FP8_LINEARS + FP8_EXPERTS}
+    shapes["shared gate_up"] = shapes["experts gate_up"]       # the one shared expert's gate and up, fused
 
     bench = lambda f: triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median") / 1e3   # noqa: E731
-    for name, N, K in (("q_b_proj", 24576, 1536), ("o_proj", 7168, 16384), ("shared gate_up", 4096, 7168),
-                       ("dense down", 7168, 18432)):
-        w8, s, w = q8((N, K))
+    for name in ("q_b_proj", "o_proj", "shared gate_up", "dense down"):
+        N, K = shapes[name]
+        w8, s, w = random_fp8((N, K))[0]
         for M in batches:
             x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
             t8, t16 = bench(lambda: fp8_linear(x, w8, s)), bench(lambda: x @ w.T)
@@ -495,8 +480,8 @@ def bench_fp8(bw: float, batches: list[int]) -> list[dict]:
                              fp8_TBps=N * K / t8 / 1e12, bf16_TBps=2 * N * K / t16 / 1e12))
             print(json.dumps(rows[-1]), flush=True)
         del w8, s, w
-    E, N, K, top = 256, 4096, 7168, 8
-    w8, s, w = q8((E, N, K))
+    E, (N, K), top = V3_DIMS["n_routed_experts"], shapes["experts gate_up"], V3_DIMS["num_experts_per_tok"]
+    w8, s, w = random_fp8((E, N, K))[0]
     for M in batches:
         ids = torch.stack([torch.randperm(E, device=DEV)[:top] for _ in range(M)]).view(-1)
         counts = torch.bincount(ids, minlength=E)
@@ -517,11 +502,18 @@ def bench_fp8(bw: float, batches: list[int]) -> list[dict]:
     return rows
 
 
-# DeepSeek-V3's linears the release stores in FP8 (name, N = out, K = in) and one layer's routed experts (E, N, K)
-FP8_LINEARS = (("q_a_proj", 1536, 7168), ("q_b_proj", 24576, 1536), ("kv_a_proj_with_mqa", 576, 7168),
-               ("o_proj", 7168, 16384), ("dense gate/up", 18432, 7168), ("dense down", 7168, 18432),
-               ("shared gate/up", 2048, 7168), ("shared down", 7168, 2048))
-FP8_EXPERTS = (("experts gate_up", 4096, 7168), ("experts down", 7168, 2048))
+def _fp8_shapes(d: dict) -> tuple[tuple[tuple[str, int, int], ...], tuple[tuple[str, int, int], ...]]:
+    H, I, moe = d["hidden_size"], d["intermediate_size"], d["moe_intermediate_size"]
+    heads, q, kv, rope = d["num_attention_heads"], d["q_lora_rank"], d["kv_lora_rank"], d["qk_rope_head_dim"]
+    linears = (("q_a_proj", q, H), ("q_b_proj", heads * (d["qk_nope_head_dim"] + rope), q),
+               ("kv_a_proj_with_mqa", kv + rope, H), ("o_proj", H, heads * d["v_head_dim"]), ("dense gate/up", I, H),
+               ("dense down", H, I), ("shared gate/up", moe * d["n_shared_experts"], H),
+               ("shared down", H, moe * d["n_shared_experts"]))
+    return linears, (("experts gate_up", 2 * moe, H), ("experts down", H, moe))
+
+
+# DeepSeek-V3's linears the release stores in FP8 (name, N = out, K = in) and one layer's routed experts (name, N, K)
+FP8_LINEARS, FP8_EXPERTS = _fp8_shapes(V3_DIMS)
 
 
 def tiles_json(data: dict) -> str:
@@ -547,30 +539,12 @@ def bench_fp8_tune(rows_m: list[int], batches: list[int], write: bool = True) ->
 
     import triton.testing
 
-    from raymoe.platform.checkpoint.fp8 import FP8_MAX
     from raymoe.platform.kernels import fp8_gemm as g
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     bench = lambda f: triton.testing.do_bench(f, warmup=5, rep=15, return_mode="median") * 1e3   # noqa: E731 (us)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()                # noqa: E731
-
-    def q8(shape, copies):
-        """`copies` random (e4m3 weight, block scales, the bf16 dequantised weight) of `shape` ([N, K] or [E, N, K]),
-        made one matrix at a time (an expert stack's fp32 dequantisation would not fit beside it)."""
-        from raymoe.platform.checkpoint.fp8 import dequantize_blockwise
-        out = []
-        for _ in range(copies):
-            w8 = torch.empty(*shape, device=DEV, dtype=torch.float8_e4m3fn)
-            s = torch.rand(*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128), device=DEV) * 1e-2 / FP8_MAX
-            s += 1e-4
-            dense = torch.empty(*shape, device=DEV, dtype=torch.bfloat16)
-            for e in range(w8.shape[0] if w8.dim() == 3 else 1):
-                w8e, se, de = (w8[e], s[e], dense[e]) if w8.dim() == 3 else (w8, s, dense)
-                w8e.copy_((torch.randn(shape[-2:], device=DEV) * 16).clamp(-FP8_MAX, FP8_MAX).to(w8.dtype))
-                de.copy_(dequantize_blockwise(w8e, se, torch.bfloat16))
-            out.append((w8, s, dense))
-        return out
 
     def rotating(fn, sets):
         it = itertools.cycle(sets)
@@ -598,7 +572,7 @@ def bench_fp8_tune(rows_m: list[int], batches: list[int], write: bool = True) ->
     g.tuned_tiles.cache_clear()
     for name, N, K in FP8_LINEARS:
         copies = max(1, -(-3 * l2 // (N * K)))
-        sets = q8((N, K), copies)
+        sets = random_fp8((N, K), copies)
         for M in rows_m:
             x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
             ref = x @ sets[0][2].T
@@ -623,15 +597,15 @@ def bench_fp8_tune(rows_m: list[int], batches: list[int], write: bool = True) ->
                              best=list(best[1]), best_vs_bf16=best[0] / bf16, fp8_TBps=N * K / best[0] / 1e6))
             print(json.dumps(rows[-1]), flush=True)
         del sets
-    E = 256
+    E, top = V3_DIMS["n_routed_experts"], V3_DIMS["num_experts_per_tok"]
     for name, N, K in FP8_EXPERTS:
-        sets = q8((E, N, K), 1)
+        sets = random_fp8((E, N, K))
         w8, s, w = sets[0]
         for B in batches:
-            ids = torch.stack([torch.randperm(E, device=DEV)[:8] for _ in range(B)]).view(-1)
+            ids = torch.stack([torch.randperm(E, device=DEV)[:top] for _ in range(B)]).view(-1)
             counts = torch.bincount(ids, minlength=E)
             offs = counts.cumsum(0).to(torch.int32)
-            T, busy = B * 8, int((counts > 0).sum())
+            T, busy = B * top, int((counts > 0).sum())
             x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16)
             ref = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
             call = lambda t, check=False: g.fp8_grouped(x, w8, s, offs, t)          # noqa: E731
@@ -773,7 +747,7 @@ def main() -> None:
         torch.cuda.synchronize = lambda: None
         bw, tf = 1e11, 1.0
     else:
-        bw, tf = copy_bandwidth(), matmul_tflops()
+        bw, tf = copy_bandwidth(), matmul_tflops()[0]
         print(f"device {torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | "
               f"bf16 matmul {tf:.0f} TFLOP/s", flush=True)
     result = dict(copy_bw=bw, matmul_tflops=tf, layers=a.layers, prompt=a.prompt)

@@ -14,7 +14,7 @@ example PEFT materialising W + BA for the whole expert stack and its gradient) s
 Each layer is also timed, in the same run, as a baseline without finetune.linear_lora and platform.model.fused
 (PEFT's own nn.Linear LoRA forward, every elementwise op eager). Fractions are of the burst matmul rate (the first
 products of an idle GPU, the higher figure) and of the sustained rate measured after the layers (see
-matmul_tflops).
+common.matmul_tflops).
 
     python benchmarks/gpu_lora_layers.py                 # on an H200: one dense and one MoE layer, 16K tokens
     python benchmarks/gpu_lora_layers.py --small         # CPU smoke test at toy width
@@ -25,17 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-FULL = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-            num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=128, q_lora_rank=1536,
-            kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
-            num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1, num_nextn_predict_layers=0,
-            rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
-                              beta_slow=1, mscale=1.0, mscale_all_dim=1.0), max_position_embeddings=163840)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import V3_DIMS, YARN, matmul_tflops, timed  # noqa: E402
+
+FULL = {**V3_DIMS, "num_hidden_layers": 2, "first_k_dense_replace": 1, "num_nextn_predict_layers": 0,
+        "rope_scaling": YARN}
 SMALL = dict(FULL, vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=64,
              num_attention_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32,
              v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
@@ -116,22 +116,6 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def timed(fn, device: str, iters: int) -> float:
-    """Median seconds of one call over `iters` calls, after one warm-up (each call synchronised: one step is
-    tens of milliseconds, so the sync costs nothing measurable and a slow outlier cannot hide in a mean)."""
-    fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def profile(fn, device: str, top: int = 30) -> None:
     """Print the kernels of one call by total device time (after a warm-up call)."""
     from torch.profiler import ProfilerActivity
@@ -144,28 +128,6 @@ def profile(fn, device: str, top: int = 30) -> None:
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=90))
-
-
-def matmul_tflops(device: str, n: int, iters: int) -> tuple[float, float]:
-    """bf16 n x n x n matmul rates on random data: (burst, sustained). Burst: `iters` back-to-back products right
-    after 3 warm-ups, as KINDS.md and gpu_decode.py measure it; sustained: the median of 5 more such blocks. An H200
-    that has been idle runs the first ~30 ms at its burst rate, then settles about 15% lower (power-limited on random
-    data), which is where a training step runs."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-
-    def block(count: int) -> None:
-        for _ in range(count):
-            a @ b
-    block(3)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    block(iters)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    burst = 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
-    return burst, 2 * n ** 3 * iters / timed(lambda: block(iters), device, 5) / 1e12
 
 
 def main() -> None:
@@ -193,7 +155,7 @@ def main() -> None:
         args.batch, args.seq, args.iters = min(args.batch, 2), min(args.seq, 64), min(args.iters, 2)
     cfg = ModelConfig.model_validate(SMALL if args.small else FULL)
     n_mm, it_mm = (1024, 3) if args.small else (8192, 20)
-    burst, sustained_before = matmul_tflops(device, n_mm, it_mm)
+    burst, sustained_before = matmul_tflops(device, n_mm, it_mm, blocks=5)
     peak = burst
     spec = LoraConfigSpec(rank=args.rank, alpha=2 * args.rank, targets=args.targets.split(","))
     tokens = args.batch * args.seq
@@ -239,7 +201,7 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
     # fractions of the burst rate (the higher: conservative), and of the sustained one measured after the layers
-    sustained = matmul_tflops(device, n_mm, it_mm)[1]
+    sustained = matmul_tflops(device, n_mm, it_mm, blocks=5)[1]
     results["bf16_matmul_tflops"] = {"burst": _sig(burst), "sustained_before": _sig(sustained_before),
                                      "sustained_after": _sig(sustained)}
     for r in results["layers"].values():

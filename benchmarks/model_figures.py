@@ -10,19 +10,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from raymoe.platform.config import ModelConfig
 from raymoe.platform.model import DeepseekV3ForCausalLM
 
-FULL = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-            num_hidden_layers=61, num_nextn_predict_layers=1, num_attention_heads=128, n_shared_experts=1,
-            n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
-            qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4,
-            num_experts_per_tok=8, first_k_dense_replace=3, max_position_embeddings=163840,
-            rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
-                              beta_slow=1, mscale=1.0, mscale_all_dim=1.0))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import V3_DIMS, YARN  # noqa: E402
+
+FULL = {**V3_DIMS, "num_nextn_predict_layers": 1, "rope_scaling": YARN}
 
 
 def count(cfg: ModelConfig) -> dict[str, int]:

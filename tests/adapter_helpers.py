@@ -24,3 +24,11 @@ def make_adapter(base: Path, out: Path, targets: Sequence[str] = ("all",), rank:
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return save_adapter(pm, out, str(base))
+
+
+def make_adapters(base: Path, root: Path, kinds: dict[str, tuple[Sequence[str], int, float]],
+                  first_seed: int = 1) -> dict[str, Path]:
+    """One adapter per entry of `kinds` (name -> (targets, rank, alpha)) under `root`, seeds counting from
+    `first_seed`: {name: folder}."""
+    return {name: make_adapter(base, root / name, t, r, a, seed=first_seed + i)
+            for i, (name, (t, r, a)) in enumerate(kinds.items())}

@@ -13,6 +13,23 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     return ids[0, len(prompt):].tolist()
 
 
+def greedy_margins(model, prompt: list[int], n: int) -> tuple[list[int], list[float], list[float]]:
+    """The no-cache greedy reference with, per step, the top-1 - top-2 logit margin and the chosen token's logprob:
+    where a lower-precision path may pick the other token (margin small) and how sure the reference was."""
+    ids = list(prompt)
+    device = next(model.parameters()).device
+    toks, margins, lps = [], [], []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids], device=device))[0, -1].float()
+            top = logits.topk(2)
+            toks.append(int(top.indices[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+            lps.append(float(torch.log_softmax(logits, -1)[toks[-1]]))
+            ids.append(toks[-1])
+    return toks, margins, lps
+
+
 def prompts(seed: int, lengths) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 1000, (n,), generator=g).tolist() for n in lengths]

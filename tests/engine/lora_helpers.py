@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from adapter_helpers import make_adapter  # noqa: F401 (re-exported for the engine tests)
+from adapter_helpers import make_adapter, make_adapters  # noqa: F401 (re-exported for the engine tests)
 from raymoe.platform.checkpoint.adapter import apply_adapter
 from raymoe.platform.model import from_pretrained
 

@@ -19,7 +19,7 @@ import torch
 from raymoe.platform.config import EngineConfig, SamplingParams
 from raymoe.platform.engine import LLMEngine
 from raymoe.platform.model import from_pretrained
-from engine_helpers import prompts
+from engine_helpers import greedy_margins, prompts
 
 pytestmark = pytest.mark.skipif(os.environ.get("RAYMOE_TEST_DEVICE", "cpu") != "cpu",
                                 reason="the CPU bf16 path (the GPU's bf16 runs in test_gpu_paths)")
@@ -36,20 +36,8 @@ def model16(tiny_ckpt_fp32):
 @pytest.fixture(scope="module")
 def reference(model32):
     """For 12 prompts: fp32 greedy tokens (no cache), and each step's top-1 - top-2 margin and chosen logprob."""
-    out = []
-    with torch.no_grad():
-        for p in prompts(11, (5, 19, 3, 26, 11, 8, 14, 22, 6, 17, 9, 30)):
-            ids, toks, margins, lps = list(p), [], [], []
-            for _ in range(STEPS):
-                logits = model32(torch.tensor([ids]))[0, -1]
-                top = logits.topk(2).values
-                t = int(logits.argmax())
-                toks.append(t)
-                margins.append(float(top[0] - top[1]))
-                lps.append(float(torch.log_softmax(logits, -1)[t]))
-                ids.append(t)
-            out.append((p, toks, margins, lps))
-    return out
+    return [(p, *greedy_margins(model32, p, STEPS))
+            for p in prompts(11, (5, 19, 3, 26, 11, 8, 14, 22, 6, 17, 9, 30))]
 
 
 def test_bf16_model_keeps_routing_and_norm_statistics_in_fp32(model16, model32):

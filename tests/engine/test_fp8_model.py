@@ -22,7 +22,7 @@ from raymoe.platform.config import EngineConfig, ModelConfig, SamplingParams
 from raymoe.platform.engine import LLMEngine
 from raymoe.platform.model.fp8 import FP8_DTYPE, Fp8Linear, fp8_linear_names, holds_fp8
 from raymoe.platform.model.multi_lora import LoraFp8Linear
-from engine_helpers import greedy_reference, prompts
+from engine_helpers import greedy_margins, greedy_reference, prompts
 from lora_helpers import make_adapter
 
 DEVICE = os.environ.get("RAYMOE_TEST_DEVICE", "cpu")
@@ -313,17 +313,7 @@ MARGIN = 0.1          # fp32 top-1 - top-2 logit margin under which bf16-level r
 def _fp32_margins(path, ps, n: int) -> list[tuple[list[int], list[float]]]:
     """fp32 greedy tokens (no cache) of each prompt and each step's top-1 - top-2 logit margin."""
     model = load_model(path, dtype=torch.float32, device="cuda", quantization="none")
-    out = []
-    with torch.no_grad():
-        for p in ps:
-            ids, toks, margins = list(p), [], []
-            for _ in range(n):
-                top = model(torch.tensor([ids], device="cuda"))[0, -1].topk(2)
-                toks.append(int(top.indices[0]))
-                margins.append(float(top.values[0] - top.values[1]))
-                ids.append(toks[-1])
-            out.append((toks, margins))
-    return out
+    return [greedy_margins(model, p, n)[:2] for p in ps]
 
 
 def _early_partings(runs: list[list[int]], ref) -> tuple[int, int]:

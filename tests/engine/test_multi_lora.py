@@ -15,7 +15,7 @@ from raymoe.platform.config import EngineConfig, SamplingParams
 from raymoe.platform.engine import AdapterInvalid, AdapterNotFound, LLMEngine
 from raymoe.platform.model import from_pretrained
 from engine_helpers import greedy_reference, prompts
-from lora_helpers import KINDS, make_adapter, merged_model
+from lora_helpers import KINDS, make_adapter, make_adapters, merged_model
 
 DEVICE = os.environ.get("RAYMOE_TEST_DEVICE", "cpu")
 
@@ -24,9 +24,7 @@ N_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def adapters(tiny_ckpt_fp32, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    return {name: make_adapter(tiny_ckpt_fp32, root / name, t, r, a, seed=i + 1)
-            for i, (name, (t, r, a)) in enumerate(KINDS.items())}
+    return make_adapters(tiny_ckpt_fp32, tmp_path_factory.mktemp("adapters"), KINDS, first_seed=1)
 
 
 @pytest.fixture(scope="module")

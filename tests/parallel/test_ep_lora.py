@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from adapter_helpers import make_adapter
+from adapter_helpers import make_adapters
 from ep_helpers import engine_config
 from raymoe.platform.config import EngineConfig, SamplingParams
 from raymoe.platform.engine import LLMEngine
@@ -27,9 +27,7 @@ KINDS = {
 
 @pytest.fixture(scope="module")
 def adapters(tiny_ckpt_fp32, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ep_adapters")
-    return {name: make_adapter(tiny_ckpt_fp32, root / name, t, r, a, seed=i + 11)
-            for i, (name, (t, r, a)) in enumerate(KINDS.items())}
+    return make_adapters(tiny_ckpt_fp32, tmp_path_factory.mktemp("ep_adapters"), KINDS, first_seed=11)
 
 
 @pytest.fixture(scope="module")
