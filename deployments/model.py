@@ -84,7 +84,10 @@ class ModelServer:
         this replica holds it), then again directly if the engine has dropped it or holds another generation."""
         self._wanted[ref.name] = ref
         await self._adapter(ref.name)
-        if self._loaded.get(ref.name) != ref or ref.name not in await self.engine.adapters():
+        # the request path: the engine's adapter names as of its last step (no round trip to an engine process);
+        # when they are stale, _load asks the engine itself and returns at once if the adapter is there
+        held = self.engine.stats().get("adapters", {}).get("loaded", ())
+        if self._loaded.get(ref.name) != ref or ref.name not in held:
             await self._load(ref)
 
     async def load_adapter(self, ref: AdapterRef) -> dict:
