@@ -1,9 +1,9 @@
 """Streaming through HTTP (Ray Serve: proxy -> OpenAIIngress -> ModelServer -> AsyncEngine, or with
 `ingress: fused` proxy -> ModelServer serving the routes itself) against the same AsyncEngine driven directly
 in-process: same tiny model, same token-id prompts, greedy, every request exactly max_tokens tokens (ignore_eos).
-Prints, per app variant and concurrency, generated tokens/s of each and their ratio, and TTFT p50/p99 of each
-(HTTP: from sending the request to the first SSE chunk with text; direct: from calling the engine to its first
-delta).
+Prints, per app variant and concurrency, generated tokens/s of each and their ratio, and TTFT p50/p99 of each, as
+time to the first text on both sides (HTTP: from sending the request to the first SSE chunk with text; direct: from
+calling the engine to its first delta with text; a random tiny model's first token often decodes to no text yet).
 
     .venv/bin/python benchmarks/serve_http.py [--model DIR] [--max-tokens 64] [--concurrency 1,16,64]
         [--variants separate,fused] [--json OUT.json]
@@ -14,8 +14,9 @@ Variants are deployed one after the other on the same Ray cluster (one app up at
 
 The two sides alternate, one at a time, best of --repeats each (the direct engine idles while HTTP runs). Both
 engines use the same EngineConfig, torch threads included (a Ray replica would otherwise get OMP_NUM_THREADS = its
-num_cpus). Set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 to measure Serve's throughput-optimized mode (what `raymoe serve`
-sets when it starts its own Ray).
+num_cpus). Set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 to measure Serve's throughput-optimized mode, and
+RAY_SERVE_ENABLE_HA_PROXY=1 for its HAProxy ingress (HAProxy on the HTTP port forwarding to the ingress replicas'
+own HTTP servers, instead of Serve's Python proxy); `raymoe serve` sets both when it starts its own Ray.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ async def run_direct(engine, ps, max_tokens: int, conc: int) -> dict:
         async with sem:
             t0, first, n = time.perf_counter(), None, 0
             async for batch in engine.stream(p, params):        # the engine's cheapest interface
-                if first is None and any(d.token_ids for d in batch):
+                if first is None and any(d.text for d in batch):
                     first = time.perf_counter() - t0
                 n += sum(len(d.token_ids) for d in batch)
             ttft.append(first)
@@ -65,30 +66,32 @@ async def run_direct(engine, ps, max_tokens: int, conc: int) -> dict:
 
 
 async def run_http(url: str, ps, max_tokens: int, conc: int) -> dict:
-    import httpx
+    # aiohttp (vLLM's benchmark_serving client): httpx took 2.7x its CPU per streamed chunk here and capped the
+    # measured HTTP tokens/s at 32-64 streams (BENCHMARKS.md)
+    import aiohttp
     sem = asyncio.Semaphore(conc)
     ttft, toks = [], []
-    limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
 
-    async def one(c, p):
+    async def one(s, p):
         async with sem:
             body = {"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
                     "stream": True, "stream_options": {"include_usage": True}}
             t0, first, n = time.perf_counter(), None, 0
-            async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
-                assert r.status_code == 200, r.status_code
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
+            async with s.post(f"{url}/v1/completions", json=body) as r:
+                assert r.status == 200, r.status
+                async for line in r.content:
+                    if not line.startswith(b"data: {"):
                         continue
-                    if first is None and '"text":"' in line and '"text":""' not in line:
+                    if first is None and b'"text":"' in line and b'"text":""' not in line:
                         first = time.perf_counter() - t0
-                    if '"usage":{' in line:
+                    if b'"usage":{' in line:
                         n = json.loads(line[6:])["usage"]["completion_tokens"]
             ttft.append(first)
             toks.append(n)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc + 4), timeout=timeout) as s:
         t0 = time.perf_counter()
-        await asyncio.gather(*[one(c, p) for p in ps])
+        await asyncio.gather(*[one(s, p) for p in ps])
         wall = time.perf_counter() - t0
     return {"tok_s": sum(toks) / wall, "ttft": ttft, "tokens": sum(toks)}
 
@@ -155,7 +158,8 @@ def main() -> None:
         engine.shutdown()
 
     print(f"\nmax_tokens {a.max_tokens}, torch threads {a.threads}, prompts 16-32 tokens, greedy, ignore_eos, "
-          f"RAY_SERVE_THROUGHPUT_OPTIMIZED={os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED', '0')}\n")
+          f"RAY_SERVE_THROUGHPUT_OPTIMIZED={os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED', '0')}, "
+          f"RAY_SERVE_ENABLE_HA_PROXY={os.environ.get('RAY_SERVE_ENABLE_HA_PROXY', '0')}\n")
     print("| app | concurrency | requests | direct tok/s | HTTP tok/s | ratio | TTFT p50 direct / HTTP (ms) | "
           "TTFT p99 direct / HTTP (ms) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -175,6 +179,7 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0"),
+                       "ha_proxy": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0"),
                        "max_tokens": a.max_tokens, "threads": a.threads, "rows": rows}, f, indent=1)
 
 

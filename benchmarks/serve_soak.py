@@ -1,7 +1,8 @@
 """Soak: `--concurrency` streaming chat requests kept in flight against the tiny model for `--minutes`, through the
-same app `raymoe serve` runs (throughput-optimized Serve, one model replica). Reports requests, failures (any
-non-200, stream without [DONE] or short of its tokens, or client error) and the model replica's RSS growth from the
-end of the first minute (warm-up) to the end.
+same app and Serve settings `raymoe serve` runs (throughput-optimized Serve behind HAProxy, one model replica, its
+engine in a child process). Reports requests, failures (any non-200, stream without [DONE] or short of its tokens,
+or client error) and the model replica's RSS growth (the replica's process and its engine process together) from
+the end of the first minute (warm-up) to the end.
 
     .venv/bin/python benchmarks/serve_soak.py [--minutes 10] [--concurrency 64]
 """
@@ -14,16 +15,18 @@ import socket
 import tempfile
 import time
 
+from raymoe.deployments.local import fast_serve_env
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+fast_serve_env()
 
 
 def replica_rss(app: str) -> int:
     import psutil
     tag = f"ServeReplica:{app}:ModelServer"      # Ray's process title for the replica actor
-    return sum(p.info["memory_info"].rss for p in psutil.process_iter(["cmdline", "memory_info"])
-               if p.info["cmdline"] and tag in " ".join(p.info["cmdline"]))
+    procs = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and tag in " ".join(p.info["cmdline"])]
+    procs += [c for p in procs for c in p.children(recursive=True)]      # the engine process (engine_core: process)
+    return sum(p.memory_info().rss for p in procs)
 
 
 async def worker(c, url: str, stop: float, stats: dict, max_tokens: int) -> None:

@@ -25,7 +25,7 @@ CASES = {
                         "ingress.enabled=true", "ingress.className=nginx", "ingress.hosts[0]=llm.example.com",
                         "ingress.tls[0].secretName=llm-tls", "ingress.tls[0].hosts[0]=llm.example.com",
                         "cpuWorkers.enabled=true", "finetune.activeDeadlineSeconds=7200", "model.servedName=my-model",
-                        "serve.throughputOptimized=true"],
+                        "serve.throughputOptimized=true", "serve.haproxy=true", "serve.engineCore=thread"],
                    ['networkPolicy.serveFrom=[{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]']),
     "emptydir-object-store": ([], ["storage.type=emptyDir", "model.source=s3://weights/DeepSeek-V3",
                                    "model.sourceSecret=s3-creds", "apiKey.enabled=true",
@@ -223,6 +223,7 @@ def test_serve_args_follow_values(render):
     args["model"] = "/nonexistent"
     with pytest.raises(ValueError, match="not a checkpoint directory"):   # the app checks the path, as in the pod
         app_config(args)
+    assert args["engine_core"] == "auto"             # auto: a thread here, as the replica starts expert shards
     # no expert parallelism asked: no `parallel` key, and no API key
     [app] = serve_config(render())["applications"]
     assert "parallel" not in app["args"]["engine"] and "api_key_env" not in app["args"]
@@ -334,7 +335,10 @@ def test_network_policy_and_ingress(render):
     assert serve_rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
     assert serve_rule["from"] == [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]
     for where, tpl in pod_templates(rs):                            # serving pods only, every one of them
-        assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in tpl["spec"]["containers"][0]["env"], where
+        env = tpl["spec"]["containers"][0]["env"]
+        assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in env, where
+        assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in env, where
+    assert serve_config(objs)["applications"][0]["args"]["engine_core"] == "thread"
     [job] = by_kind(objs, "RayJob")
     assert all("env" not in tpl["spec"]["containers"][0] for _, tpl in pod_templates(job))
     backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]

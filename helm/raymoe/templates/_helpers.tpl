@@ -116,7 +116,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "raymoe.serveArgs" -}}
 {{- $s := .Values.serve }}
 {{- $a := $s.autoscaling }}
-{{- $args := dict "model" .Values.model.path "num_cpus" $s.numCpus "num_gpus" $s.numGpus "max_ongoing_requests" $s.maxOngoingRequests "max_queued_requests" $s.maxQueuedRequests "retry_after_s" $s.retryAfterS "default_max_tokens" $s.defaultMaxTokens "max_request_bytes" $s.maxRequestBytes "ingress_replicas" $s.ingress.replicas "ingress_num_cpus" $s.ingress.numCpus }}
+{{- $args := dict "model" .Values.model.path "num_cpus" $s.numCpus "num_gpus" $s.numGpus "max_ongoing_requests" $s.maxOngoingRequests "max_queued_requests" $s.maxQueuedRequests "retry_after_s" $s.retryAfterS "default_max_tokens" $s.defaultMaxTokens "max_request_bytes" $s.maxRequestBytes "ingress_replicas" $s.ingress.replicas "ingress_num_cpus" $s.ingress.numCpus "engine_core" $s.engineCore }}
 {{- with .Values.model.servedName }}{{ $_ := set $args "served_model_name" . }}{{ end }}
 {{- if .Values.apiKey.enabled }}{{ $_ := set $args "api_key_env" "RAYMOE_API_KEY" }}{{ end }}
 {{- $_ := set $args "autoscaling" (dict "min_replicas" $a.minReplicas "max_replicas" $a.maxReplicas "target_ongoing_requests" $a.targetOngoingRequests "upscale_delay_s" $a.upscaleDelayS "downscale_delay_s" $a.downscaleDelayS) }}
@@ -128,6 +128,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- $ep := $s.expertParallel }}
 {{- if and (not $vllm) (gt (int $ep.numShards) 0) }}
+{{- if eq $s.engineCore "process" }}
+{{- fail "values: serve.engineCore process runs the engine in a child process, which does not start expert shards; use thread or auto with serve.expertParallel.numShards" }}
+{{- end }}
 {{- $_ := set $engine "parallel" (dict "num_shards" $ep.numShards "transport" $ep.transport "cpus_per_shard" $ep.cpusPerShard "gpus_per_shard" $ep.gpusPerShard "placement_strategy" $ep.placementStrategy) }}
 {{- end }}
 {{- $_ := set $args "engine" $engine }}
@@ -235,7 +238,8 @@ spec:
         {{- end }}
         - {name: metrics, containerPort: 8080}
       {{- $tput := and $serve $v.serve.throughputOptimized }}
-      {{- if or (and $serve $v.apiKey.enabled) $tput $g.env }}
+      {{- $hap := and $serve $v.serve.haproxy }}
+      {{- if or (and $serve $v.apiKey.enabled) $tput $hap $g.env }}
       env:
         {{- if and $serve $v.apiKey.enabled }}
         - name: RAYMOE_API_KEY
@@ -244,6 +248,9 @@ spec:
         {{- end }}
         {{- if $tput }}
         - {name: RAY_SERVE_THROUGHPUT_OPTIMIZED, value: "1"}
+        {{- end }}
+        {{- if $hap }}
+        - {name: RAY_SERVE_ENABLE_HA_PROXY, value: "1"}
         {{- end }}
         {{- with $g.env }}
         {{- toYaml . | nindent 8 }}
