@@ -78,8 +78,8 @@ class ServeAppConfig(BaseModel):
     ingress: Literal["separate", "fused"] = "separate"
     # where a model replica steps its engine: `process`, a child process of the replica (vLLM's engine-core split:
     # the replica's event loop, busy with Serve's per-request work for every token, never holds the GIL the steps
-    # need); `thread`, a thread of the replica (one process less; what expert shards, ep > 1, need); `auto`:
-    # process, or thread with expert shards
+    # need; with expert shards the child joins the cluster and starts them in the replica's placement group);
+    # `thread`, a thread of the replica (one process less); `auto`: process
     engine_core: Literal["auto", "thread", "process"] = "auto"
     ingress_num_cpus: float = Field(0.5, ge=0)
     ingress_replicas: int = Field(1, ge=1)
@@ -121,9 +121,6 @@ class ServeAppConfig(BaseModel):
         if self.engine_kind == "vllm" and (self.lora_root or self.lora_modules):
             raise ValueError("lora_root / lora_modules: LoRA adapters are served by engine.kind raymoe; vLLM's LoRA "
                              "support is not wired into the vllm engine yet")
-        if self.engine_core == "process" and (self.ep > 1 or (self.engine.get("parallel") or {}).get("num_shards")):
-            raise ValueError("engine_core: process runs the engine in a child process of the replica, which does "
-                             "not start expert shards; use engine_core: thread with ep > 1")
         if "model" in self.engine:
             raise ValueError("engine.model: set the checkpoint with the top-level `model` key")
         for key in LORA_ENGINE_KEYS:
@@ -156,9 +153,8 @@ class ServeAppConfig(BaseModel):
 
     @property
     def engine_process(self) -> bool:
-        """Whether model replicas step their engine in a child process (engine_core, `auto` resolved)."""
-        sharded = self.ep > 1 or bool((self.engine.get("parallel") or {}).get("num_shards"))
-        return self.engine_core == "process" or (self.engine_core == "auto" and not sharded)
+        """Whether model replicas step their engine in a child process (engine_core, `auto`: yes)."""
+        return self.engine_core != "thread"
 
     @property
     def engine_kind(self) -> EngineKind:

@@ -13,8 +13,12 @@ Unix socket pair in pickled tuples, one message per engine step for all streams:
 Requests are validated and their grammars compiled in the child at admission (compiles in a worker thread, off the
 step), so a refusal reaches the caller as the stream's first item. The child exits when the server's end closes
 (the server died); when the child's end closes (it died) every open stream and call fails with EngineDead and
-`alive` turns False, so the server's health check fails and it is replaced. The child starts no Ray actors: expert
-shards run with the engine in the server's process (`AsyncEngine`). It knows nothing of HTTP or Serve.
+`alive` turns False, so the server's health check fails and it is replaced. It knows nothing of HTTP or Serve.
+
+With expert shards (`parallel.num_shards`), a server that runs in Ray (a Serve replica) hands the child its cluster:
+the GCS address, namespace, runtime_env and the placement group it runs in. The child joins as a driver of its own
+and starts the shards in that group's shard bundles, as the engine would in the server's process; the shards are
+the child's actors, so they go when it goes.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ def _resolve(fut: asyncio.Future, ok: bool, value) -> None:
 class EngineProcess(EngineClient):
     def __init__(self, cfg: EngineConfig) -> None:
         super().__init__()
+        cluster = ray_cluster() if cfg.parallel.num_shards > 0 else None
         ours, theirs = socket.socketpair()
         self._proc = subprocess.Popen([sys.executable, "-c", CHILD.format(fd=theirs.fileno())],
                                       pass_fds=(theirs.fileno(),))
@@ -55,7 +60,7 @@ class EngineProcess(EngineClient):
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._cids = itertools.count()
         self._dead: str | None = None                 # why the child is gone, once it is
-        self._send(cfg)
+        self._send((cfg, cluster))
         self.facts = self._wait_ready()
         self._reader = threading.Thread(target=self._read, name="raymoe-engine-reader", daemon=True)
         self._reader.start()
@@ -156,6 +161,31 @@ class EngineProcess(EngineClient):
         self._conn.close()
 
 
+def ray_cluster() -> dict | None:
+    """What a child needs to start expert shards where this process would: the Ray cluster this process is
+    connected to (its GCS address, namespace and runtime_env) and the placement group it runs in (a Serve replica's,
+    whose bundles 1..N are the shards'). None when this process is not in Ray."""
+    import ray
+    if not ray.is_initialized():
+        return None
+    from ray.util import get_current_placement_group
+    ctx = ray.get_runtime_context()
+    group = get_current_placement_group()
+    return {"address": ctx.gcs_address, "namespace": ctx.namespace, "runtime_env": dict(ctx.runtime_env or {}),
+            "placement_group": group.id.hex() if group is not None else None}
+
+
+def _join(cluster: dict):
+    """In the child: connect to the server's Ray cluster as a driver; -> the server's placement group (or None)."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+    ray.init(address=cluster["address"], namespace=cluster["namespace"], runtime_env=cluster["runtime_env"] or None,
+             log_to_driver=False, include_dashboard=False)
+    pg = cluster["placement_group"]
+    return PlacementGroup(PlacementGroupID(bytes.fromhex(pg))) if pg else None
+
+
 # ---- the child ---------------------------------------------------------------------------------------------------
 def serve_engine(fd: int) -> None:
     """The child's main: load the engine the first message describes, then step it until told to stop or until the
@@ -169,7 +199,8 @@ def serve_engine(fd: int) -> None:
             conn.send(msg)
 
     try:
-        engine = LLMEngine(conn.recv())
+        cfg, cluster = conn.recv()
+        engine = LLMEngine(cfg, placement_group=_join(cluster) if cluster else None)
     except Exception as e:                            # noqa: BLE001 (the server raises it)
         log.exception("the engine could not start")
         send(("failed", f"{type(e).__name__}: {e}"))

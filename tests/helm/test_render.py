@@ -223,7 +223,7 @@ def test_serve_args_follow_values(render):
     args["model"] = "/nonexistent"
     with pytest.raises(ValueError, match="not a checkpoint directory"):   # the app checks the path, as in the pod
         app_config(args)
-    assert args["engine_core"] == "auto"             # auto: a thread here, as the replica starts expert shards
+    assert args["engine_core"] == "auto"             # a process, which starts the expert shards
     # no expert parallelism asked: no `parallel` key, and no API key
     [app] = serve_config(render())["applications"]
     assert "parallel" not in app["args"]["engine"] and "api_key_env" not in app["args"]

@@ -55,10 +55,6 @@ BAD = {
                                "serve.lora.modules needs serve.engine.kind raymoe"),
     "vllm settings without vllm": ([], ["serve.engine.vllm.python=/opt/vllm/bin/python"],
                                    "serve.engine.vllm is for serve.engine.kind vllm only"),
-    "engine process with expert shards": ([], ["serve.engineCore=process", "serve.expertParallel.numShards=2",
-                                               "gpuWorkers.gpus=3"],
-                                          "serve.engineCore process runs the engine in a child process, which does "
-                                          "not start expert shards"),
     "unknown engine core": ([], ["serve.engineCore=fork"], "at '/serve/engineCore'"),
     "unknown vllm setting": ([], ["serve.engine.kind=vllm", "serve.engine.vllm.engine_arg.x=1"],
                              "at '/serve/engine/vllm': additional properties 'engine_arg' not allowed"),

@@ -157,3 +157,13 @@ def check_disconnect_frees_kv(url: str, name: str) -> None:
         assert sum(metric_values(m, "vllm:num_requests_running")) == 0
         gen = metric_values(m, "vllm:generation_tokens_total")[0]
     assert gen - before < 2500          # it stopped well before its 3000 tokens
+
+
+def engine_process(app: str):
+    """The child process (a psutil.Process) in which the app's one model replica steps its engine (engine_core:
+    auto). Ray titles a replica's worker process `ray::ServeReplica:<app>:ModelServer`."""
+    import psutil
+    found = [p for p in psutil.process_iter(["cmdline"]) if "child_main" in " ".join(p.info["cmdline"] or [])
+             and f"ServeReplica:{app}:ModelServer" in " ".join(p.parent().cmdline())]
+    assert len(found) == 1, found
+    return found[0]

@@ -3,9 +3,12 @@ answers over HTTP exactly as the single-process app does, LoRA adapters served b
 adapter root: the main app serves the same adapters in one process)."""
 from __future__ import annotations
 
+import time
+
+import httpx
 import pytest
 
-from serve_helpers import LORA_MAX_RANK, app_args, deploy, make_adapter
+from serve_helpers import LORA_MAX_RANK, app_args, deploy, engine_process, make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +57,37 @@ def test_adapters_by_name_over_two_expert_shards(served, sharded, ep_adapters):
         assert answers[model, sharded.app] == answers[model, served.app], model
     assert len({answers[m, sharded.app] for m in [*ep_adapters, None]}) == 3
     assert {*ep_adapters, sharded.name} <= {m.id for m in sharded.client().models.list().data}
+
+
+
+def test_shards_belong_to_the_engine_process_and_go_with_it(sharded):
+    """engine_core auto: the replica steps its engine in a child process, which joins the cluster as a driver of its
+    own and starts the shards in the replica's placement group (no group of its own). When that process dies its
+    shards die with it (Ray's owner fate-sharing), and Serve replaces the replica, shards and all."""
+    import psutil
+    import ray
+    from ray._private.state import actors
+
+    def shards() -> list[dict]:
+        return [a for a in actors().values() if a["ActorClassName"] == "ExpertShard" and a["State"] == "ALIVE"]
+    replica_job = {a["JobID"] for a in actors().values() if a["ActorClassName"] == "ServeReplica:ep2:ModelServer"}
+    before = shards()
+    assert len(before) == 2 and not {a["JobID"] for a in before} & replica_job, (before, replica_job)
+    groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+    assert all(g["name"].startswith("SERVE_REPLICA::") for g in groups), groups     # Serve's, none of the child's
+    child = engine_process("ep2")
+    child.kill()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(psutil.pid_exists(a["Pid"]) for a in before):
+        time.sleep(0.5)
+    assert not any(psutil.pid_exists(a["Pid"]) for a in before), "the shards outlived their engine process"
+    deadline = time.time() + 120                # Serve replaces the replica; its new engine process starts shards
+    while time.time() < deadline:
+        r = httpx.post(f"{sharded.url}/v1/completions", timeout=60,
+                       json={"model": sharded.name, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0})
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503, r.text
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text
+    assert len(shards()) == 2 and engine_process("ep2").pid != child.pid

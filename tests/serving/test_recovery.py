@@ -8,10 +8,9 @@ import threading
 import time
 
 import httpx
-import psutil
 import ray
 
-from serve_helpers import TIGHT_KEY, assert_openai_error
+from serve_helpers import TIGHT_KEY, assert_openai_error, engine_process
 
 AUTH = {"authorization": f"Bearer {TIGHT_KEY}"}
 
@@ -21,15 +20,6 @@ def _model_replica(app: str):
              if a["name"].startswith(f"SERVE_REPLICA::{app}#ModelServer#")]
     assert len(names) == 1, names
     return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
-
-
-def _engine_process(app: str) -> psutil.Process:
-    """The child process in which the app's one model replica steps its engine (engine_core: auto). Ray titles a
-    replica's worker process `ray::ServeReplica:<app>:ModelServer`."""
-    found = [p for p in psutil.process_iter(["cmdline"]) if "child_main" in " ".join(p.info["cmdline"] or [])
-             and f"ServeReplica:{app}:ModelServer" in " ".join(p.parent().cmdline())]
-    assert len(found) == 1, found
-    return found[0]
 
 
 def _killed_mid_request(url: str, kill) -> httpx.Response:
@@ -63,12 +53,12 @@ def _recovers(url: str) -> None:
 def test_engine_process_death_is_503_then_recovers(tight):
     """SIGKILL the replica's engine process: the running request is a 503, the replica fails its health check and
     Serve replaces it."""
-    child = _engine_process(tight.app)
+    child = engine_process(tight.app)
     r = _killed_mid_request(tight.url, lambda: os.kill(child.pid, signal.SIGKILL))
     assert_openai_error(r, 503)
     assert r.headers.get("retry-after") is not None
     _recovers(tight.url)
-    assert _engine_process(tight.app).pid != child.pid
+    assert engine_process(tight.app).pid != child.pid
 
 
 def test_replica_death_is_503_then_recovers(tight):

@@ -36,7 +36,6 @@ def test_shipped_configs_are_valid(path):
     ({"bogus": 1}, "bogus"),
     ({"ep": 2, "engine": {"parallel": {"num_shards": 3}}}, "disagree"),
     ({"model": "/definitely/not/here"}, "not a checkpoint directory"),
-    ({"engine_core": "process", "ep": 2}, "engine_core: process"),
     ({"engine_core": "fork"}, "engine_core"),
 ])
 def test_bad_args_name_the_key(args, needle, tiny_ckpt_fp32):
@@ -45,11 +44,11 @@ def test_bad_args_name_the_key(args, needle, tiny_ckpt_fp32):
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_engine_core_auto_is_a_process_unless_experts_are_sharded(tiny_ckpt_fp32):
+def test_engine_core_auto_is_a_process(tiny_ckpt_fp32):
     base = {"model": str(tiny_ckpt_fp32)}
     assert app_config(base).engine_process
-    assert not app_config({**base, "ep": 2}).engine_process
-    assert not app_config({**base, "engine": {"parallel": {"num_shards": 2}}}).engine_process
+    assert app_config({**base, "ep": 2}).engine_process                  # the child starts the shards
+    assert app_config({**base, "ep": 2, "engine_core": "process"}).engine_process
     assert not app_config({**base, "engine_core": "thread"}).engine_process
 
 

@@ -128,9 +128,6 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- $ep := $s.expertParallel }}
 {{- if and (not $vllm) (gt (int $ep.numShards) 0) }}
-{{- if eq $s.engineCore "process" }}
-{{- fail "values: serve.engineCore process runs the engine in a child process, which does not start expert shards; use thread or auto with serve.expertParallel.numShards" }}
-{{- end }}
 {{- $_ := set $engine "parallel" (dict "num_shards" $ep.numShards "transport" $ep.transport "cpus_per_shard" $ep.cpusPerShard "gpus_per_shard" $ep.gpusPerShard "placement_strategy" $ep.placementStrategy) }}
 {{- end }}
 {{- $_ := set $args "engine" $engine }}
