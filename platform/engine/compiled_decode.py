@@ -51,9 +51,9 @@ _LORA_WEIGHTS = ("gate_up_proj", "down_proj")
 class _OpaqueDispatch(ExpertDispatch):
     """An MoE dispatch for the compiled step, wrapping the layer's dispatch (`inner`; None: its local experts).
     Local experts whose inference path has static shapes (`RoutedExperts.inference_path` in STATIC_PATHS: a few
-    pairs gathered, or every expert dense) are traced: they fuse; other batches, any other dispatch, or per-row
-    LoRA factors (`multi_lora`: the slots and the stacks travel as tensor arguments) run whole (send and wait)
-    behind `eager_experts`."""
+    pairs gathered, or every expert dense) are traced, per-row LoRA factors (`multi_lora`) included: they fuse;
+    other batches or any other dispatch run whole (send and wait) behind `eager_experts` (per-row LoRA's slots and
+    stacks travel to it as tensor arguments)."""
 
     def __init__(self, experts: RoutedExperts, inner: ExpertDispatch | None) -> None:
         self.experts, self.inner = experts, inner
@@ -65,6 +65,8 @@ class _OpaqueDispatch(ExpertDispatch):
         if lora:
             if set(lora) != set(_LORA_WEIGHTS) or any(f.slots is None or f.scale != 1.0 for f in lora.values()):
                 raise ValueError("the compiled CPU step takes per-row LoRA stacks (multi_lora) only")
+            if self.inner is None and self.experts.inference_path(*topk_ids.shape, True) in STATIC_PATHS:
+                return self.experts(hidden, topk_ids, topk_w, lora=lora)        # traced, the pairs' factors too
             stacks = [t for n in _LORA_WEIGHTS for t in (lora[n].a, lora[n].b)]
             return eager_experts(self.handle, layer, hidden, topk_ids, topk_w, lora["down_proj"].slots, stacks)
         if self.inner is None and self.experts.inference_path(*topk_ids.shape) in STATIC_PATHS:

@@ -313,21 +313,21 @@ class RoutedExperts(nn.Module):
             if path == "gathered":
                 return self._gathered(x, topk_ids, topk_w, rows)
             if path == "dense":
-                return self._dense(x, topk_ids, topk_w)
+                return self._dense(x, topk_ids, topk_w, rows)
             return self._padded(x, topk_ids, topk_w, rows)
         return self._loop(x, topk_ids, topk_w, lora)
 
     def inference_path(self, tokens: int, k: int, per_row_lora: bool = False) -> str:
         """The path of an inference call without autograd that does not take the grouped GEMM (the CPU, or CUDA
         in fp32), for `tokens` rows of k experts each: "gathered" (at most GATHER_PAIRS pairs), "dense" (more,
-        where every expert over every token costs at most DENSE_WASTE times the chosen experts' work; not with
-        per-row LoRA), else "padded". The first two need every expert held here; they have static shapes
-        (STATIC_PATHS), so a compiled step can trace them."""
+        where every expert over every token costs at most DENSE_WASTE times the chosen experts' work), else
+        "padded". The first two need every expert held here; they have static shapes (STATIC_PATHS), so a compiled
+        step can trace them, per-row LoRA (`per_row_lora`: each chosen pair's factors gathered) included."""
         if self.count != self.n_total or self._table is not None:
             return "padded"
         if tokens * k <= GATHER_PAIRS:
             return "gathered"
-        if not per_row_lora and self.count <= DENSE_WASTE * k:
+        if self.count <= DENSE_WASTE * k and (not per_row_lora or tokens * k <= GATHER_LORA_PAIRS):
             return "dense"
         return "padded"
 
@@ -391,19 +391,33 @@ class RoutedExperts(nn.Module):
         w = torch.where(topk_ids >= 0, topk_w, 0).to(x.dtype)
         return (y.view(N, k, -1) * w[..., None]).sum(1)
 
-    def _dense(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+               lora: dict[str, ExpertLora] | None = None) -> torch.Tensor:
         """Many tokens over few experts (CPU decode of a small model): every expert on every token, as two plain
         GEMMs over the experts side by side, with the routing weights (0 for the experts a token did not choose)
         applied between them. No sort, no padding, no host sync, static shapes; costs n_routed_experts / k times
-        the chosen experts' work, so only where that is small (`inference_path`)."""
+        the chosen experts' work, so only where that is small (`inference_path`). Per-row LoRA (`lora`: factors
+        with slots) adds each chosen pair's own update (`_pair_lora`) into its expert's slot of the dense rows."""
         N, k = topk_ids.shape
         E, two_i, h = self.count, self.gate_up_proj.shape[1], x.shape[1]
         w = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter_add_(            # [N, E]; id -1: weight 0
             1, topk_ids.clamp(min=0), torch.where(topk_ids >= 0, topk_w, 0).to(x.dtype))
         hid = F.linear(x, self.dense("gate_up_proj", x.dtype).reshape(E * two_i, h)).view(N, E, two_i)
+        if lora:
+            ids = topk_ids.flatten().clamp(min=0)                                       # [N*k]
+            rows = torch.arange(N, device=x.device).repeat_interleave(k)                # [N*k] each pair's token
+            pairs = rows * E + ids                                                      # [N*k] its (token, expert)
+            chosen = (topk_ids.flatten() >= 0).to(x.dtype)[:, None]                     # [N*k, 1] id -1: none
+        if lora and "gate_up_proj" in lora:
+            up = self._pair_lora(lora["gate_up_proj"], x.index_select(0, rows), rows, ids) * chosen   # [N*k, 2I]
+            hid = hid.reshape(N * E, two_i).index_add(0, pairs, up).view(N, E, two_i)
         act = fused.swiglu(hid) * w[:, :, None]                                         # [N, E, I]
         down = self.dense("down_proj", x.dtype).permute(1, 0, 2).reshape(h, -1)          # [H, E * I]
-        return F.linear(act.reshape(N, -1), down)
+        y = F.linear(act.reshape(N, -1), down)                                          # [N, H]
+        if lora and "down_proj" in lora:                # act is weighted already: the update carries the weight
+            pair_act = act.reshape(N * E, -1).index_select(0, pairs)                    # [N*k, I]
+            y = y + (self._pair_lora(lora["down_proj"], pair_act, rows, ids) * chosen).view(N, k, h).sum(1)
+        return y
 
     def _pair_lora(self, f: ExpertLora, x: torch.Tensor, rows: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Per-row LoRA of (token, expert) pairs, each with its own factors gathered (a few pairs: CPU decode).

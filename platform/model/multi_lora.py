@@ -46,11 +46,16 @@ class Segments:
     def sort(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(0, self.order)
 
+    @staticmethod
+    def grouped(x: torch.Tensor, w: torch.Tensor) -> bool:
+        """Whether `mm` takes torch's grouped GEMM for x @ w[g] (else a gathered product per row)."""
+        # (torch.compile on the CPU: some torch versions trace the grouped GEMM as bf16-only)
+        return (x.is_cuda or not torch.compiler.is_compiling()) and _grouped_ok(x, w)
+
     def mm(self, xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """xs @ w[g] for the rows of each group g. xs: [M, in] sorted; w: [count, in, out] -> [M, out] sorted, with
         undefined values on rows of no group (mask with `held`)."""
-        if (xs.is_cuda or not torch.compiler.is_compiling()) and _grouped_ok(xs, w):
-            # (torch.compile on the CPU: some torch versions trace the grouped GEMM as bf16-only)
+        if self.grouped(xs, w):
             return torch._grouped_mm(xs, w, offs=self.offs)
         g = self.key.clamp(max=self.count - 1)                       # a gathered product per row (any device, dtype)
         return torch.bmm(xs[:, None, :], w.index_select(0, g)).squeeze(1)
@@ -115,7 +120,14 @@ def _with_rows(mod: LoraLinear | LoraFp8Linear, x: torch.Tensor, y: torch.Tensor
     seg = mod.rows.tokens
     if seg is None:
         return y
-    return seg.add_to(y, seg.lora(x, mod.lora_a.to(x.dtype), mod.lora_b.to(x.dtype)))
+    a, b = mod.lora_a.to(x.dtype), mod.lora_b.to(x.dtype)
+    if seg.grouped(x, a.transpose(1, 2)):            # grouped GEMMs over the rows sorted by slot
+        return seg.add_to(y, seg.lora(x, a, b))
+    # else each row's own factors, gathered, in the rows' order (a sort buys nothing without the grouped GEMM)
+    slots = mod.rows.slots
+    g = slots.clamp(min=0)
+    low = torch.bmm(a.index_select(0, g), x[:, :, None])                               # [N, R, 1]
+    return y + torch.bmm(b.index_select(0, g), low).squeeze(-1) * (slots >= 0).to(x.dtype)[:, None]
 
 
 class LoraLinear(nn.Linear):
