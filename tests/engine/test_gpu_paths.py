@@ -34,7 +34,8 @@ def test_grouped_experts_equal_loop(tiny_ckpt_fp32):
     assert (no_one - experts._loop(x, torch.where(ids == ids[:, :1], -1, ids), w)).abs().max() < 1e-5
     # the tiny preset: 16 experts, 4 per token, so every expert on every token is 4x the work: dense past 16 pairs
     assert [experts.inference_path(n, 4) for n in (1, 4, 5, 37)] == ["gathered", "gathered", "dense", "dense"]
-    assert experts.inference_path(37, 4, per_row_lora=True) == "padded"
+    assert experts.inference_path(37, 4, per_row_lora=True) == "dense"        # per-row LoRA: each pair's factors
+    assert experts.inference_path(300, 4, per_row_lora=True) == "padded"      # past GATHER_LORA_PAIRS pairs
     assert torch.equal(auto, dense)
     assert (got - ref).abs().max() < 1e-5
     assert (few - ref[:3]).abs().max() < 1e-5
@@ -51,8 +52,8 @@ def test_grouped_experts_equal_loop(tiny_ckpt_fp32):
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
 def test_per_row_expert_lora_paths_agree(tiny_ckpt_fp32):
     """Per-row adapters on routed experts (slots; -1 = base): CPU inference gathers each (token, expert) pair's
-    factors in the padded and gathered paths; they equal the grouped GEMM over (slot, expert) groups, also on a
-    shard holding some of the experts; forward() on a decode-sized batch gives the same."""
+    factors in the padded, gathered and dense paths; they equal the grouped GEMM over (slot, expert) groups, also on
+    a shard holding some of the experts; forward() on a decode-sized batch gives the same."""
     from raymoe.platform.model import RoutedExperts
     from raymoe.platform.model.moe import ExpertLora
     cpu = from_pretrained(tiny_ckpt_fp32, dtype=torch.float32)
@@ -80,7 +81,10 @@ def test_per_row_expert_lora_paths_agree(tiny_ckpt_fp32):
         few = {n: ExpertLora(f.a, f.b, f.scale, slots[:3]) for n, f in lora.items()}
         assert (experts._gathered(x[:3], ids[:3], w[:3], few) - experts._grouped(x[:3], ids[:3], w[:3], few)
                 ).abs().max() < 1e-5
-        assert (experts(x, ids, w, lora=lora) - ref).abs().max() < 1e-5         # forward: the padded path
+        assert (experts._dense(x, ids, w, lora) - ref).abs().max() < 1e-5
+        assert (experts(x, ids, w, lora=lora) - ref).abs().max() < 1e-5         # forward: the dense path
+        gone = torch.where(ids == ids[:, :1], -1, ids)                           # an id -1 adds nothing, LoRA too
+        assert (experts._dense(x, gone, w, lora) - experts._loop(x, gone, w, lora)).abs().max() < 1e-5
         part = RoutedExperts(cpu.config, 4, 8)
         part.gate_up_proj.copy_(experts.gate_up_proj[4:12])
         part.down_proj.copy_(experts.down_proj[4:12])
