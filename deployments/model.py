@@ -1,7 +1,8 @@
 """ModelServer: the model deployment. Each replica owns one engine built from one EngineConfig, stepped in a
 child process of its own (EngineProcess; the replica's event loop, which does Serve's per-request work for every
-token, then never shares a GIL with the steps; with expert shards it starts them) or in a thread of the replica (AsyncEngine):
-ServeAppConfig.engine_core. Both are an EngineClient; this module asks nothing of the engine object behind them.
+token, then never shares a GIL with the steps; with expert shards it starts them) or in a thread of the replica
+(AsyncEngine): ServeAppConfig.engine_core. Both are an EngineClient; this module asks nothing of the engine object
+behind them.
 
 `generate` streams a request's deltas back to the ingress, coalescing those that are ready together into one
 message (one Ray streaming item per engine step, not per token, once a replica is busy). A caller that goes away
