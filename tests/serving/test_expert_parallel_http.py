@@ -62,8 +62,9 @@ def test_adapters_by_name_over_two_expert_shards(served, sharded, ep_adapters):
 
 def test_shards_belong_to_the_engine_process_and_go_with_it(sharded):
     """engine_core auto: the replica steps its engine in a child process, which joins the cluster as a driver of its
-    own and starts the shards in the replica's placement group (no group of its own). When that process dies its
-    shards die with it (Ray's owner fate-sharing), and Serve replaces the replica, shards and all."""
+    own and starts the shards in the replica's placement group. When that process dies its shards die with it
+    (Ray's owner fate-sharing), and Serve replaces the replica, shards and all: the one new placement group is the
+    new replica's (the new engine process made none of its own)."""
     import psutil
     import ray
     from ray._private.state import actors
@@ -73,8 +74,9 @@ def test_shards_belong_to_the_engine_process_and_go_with_it(sharded):
     replica_job = {a["JobID"] for a in actors().values() if a["ActorClassName"] == "ServeReplica:ep2:ModelServer"}
     before = shards()
     assert len(before) == 2 and not {a["JobID"] for a in before} & replica_job, (before, replica_job)
-    groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
-    assert all(g["name"].startswith("SERVE_REPLICA::") for g in groups), groups     # Serve's, none of the child's
+    def groups() -> dict[str, str]:
+        return {i: g["name"] for i, g in ray.util.placement_group_table().items() if g["state"] == "CREATED"}
+    groups_before = groups()
     child = engine_process("ep2")
     child.kill()
     deadline = time.time() + 60
@@ -91,3 +93,5 @@ def test_shards_belong_to_the_engine_process_and_go_with_it(sharded):
         time.sleep(0.5)
     assert r.status_code == 200, r.text
     assert len(shards()) == 2 and engine_process("ep2").pid != child.pid
+    new = {i: n for i, n in groups().items() if i not in groups_before}
+    assert list(new.values()) and all(n.startswith("SERVE_REPLICA::ep2#ModelServer#") for n in new.values()), new
