@@ -131,8 +131,9 @@ class AsyncEngine(EngineClient):
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def _publish(self, items: list[tuple[str, object]], stats: dict) -> None:
-        self._stats = stats
+    def _publish(self, items: list[tuple[str, object]], stats: dict | None) -> None:
+        if stats is not None:
+            self._stats = stats
         if items:
             self._deliver(items)
 

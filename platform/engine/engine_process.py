@@ -7,7 +7,7 @@ Unix socket pair in pickled tuples, one message per engine step for all streams:
 
     server -> child   the EngineConfig, then ("add", rid, prompt_ids, params) | ("abort", rid)
                       | ("call", cid, method, args) | ("stop",)
-    child -> server   ("ready", facts) | ("failed", why) | ("out", [(rid, Delta or exception)], stats)
+    child -> server   ("ready", facts) | ("failed", why) | ("out", [(rid, Delta or exception)], stats or None)
                       | ("reply", cid, ok, value)
 
 Requests are validated and their grammars compiled in the child at admission (compiles in a worker thread, off the
@@ -130,7 +130,8 @@ class EngineProcess(EngineClient):
             except (EOFError, OSError):
                 break
             if msg[0] == "out":
-                self._stats = msg[2]
+                if msg[2] is not None:                # None: unchanged (a busy loop sends stats every 0.1 s)
+                    self._stats = msg[2]
                 if msg[1]:
                     self._deliver(msg[1])
             elif msg[0] == "reply":

@@ -5,12 +5,17 @@ and hands each step's `(request id, Delta or exception)` pairs, with the engine'
 That callback is the only way out: `AsyncEngine` passes one that wakes its callers' event loops, the engine process
 (`engine_process.py`) one that writes to its socket. A failing step fails the requests in it; the loop goes on. It
 never compiles grammars (callers compile at admission) and never touches asyncio.
+
+The stats (`LLMEngine.stats()`: queues, KV usage, adapter names) are gauges read for metrics and the adapter check,
+so a busy loop takes them after its first step and then at most every STATS_EVERY_S, not after every step; it
+publishes None in between ("as before"), and fresh ones whenever it goes idle.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from raymoe.platform.config import SamplingParams
@@ -18,7 +23,8 @@ from raymoe.platform.engine.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[list[tuple[str, object]], dict], None]
+Publish = Callable[[list[tuple[str, object]], dict | None], None]    # stats None: unchanged since the last
+STATS_EVERY_S = 0.1
 
 
 class StepLoop:
@@ -29,6 +35,7 @@ class StepLoop:
         self._wake = threading.Event()
         self._stop = False
         self.stats: dict = engine.stats()
+        self._stats_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
         self._thread.start()
 
@@ -72,7 +79,7 @@ class StepLoop:
         while not self._stop:
             self._take_inbox()
             if not eng.has_unfinished():
-                self.stats = eng.stats()
+                self.stats, self._stats_at = eng.stats(), float("-inf")     # the first busy step's are fresh too
                 self._publish([], self.stats)
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
@@ -86,5 +93,8 @@ class StepLoop:
                     eng.abort(rid)
                 self._publish([(rid, RuntimeError(f"engine step failed: {e}")) for rid in failed], self.stats)
                 continue
-            self.stats = eng.stats()
-            self._publish([(d.request_id, d) for d in deltas], self.stats)
+            now = time.monotonic()
+            fresh = now - self._stats_at >= STATS_EVERY_S
+            if fresh:
+                self.stats, self._stats_at = eng.stats(), now
+            self._publish([(d.request_id, d) for d in deltas], self.stats if fresh else None)
