@@ -65,7 +65,7 @@ class _OpaqueDispatch(ExpertDispatch):
         if lora:
             if set(lora) != set(_LORA_WEIGHTS) or any(f.slots is None or f.scale != 1.0 for f in lora.values()):
                 raise ValueError("the compiled CPU step takes per-row LoRA stacks (multi_lora) only")
-            if self.inner is None and self.experts.inference_path(*topk_ids.shape, True) in STATIC_PATHS:
+            if self.inner is None and self.experts.inference_path(*topk_ids.shape, per_row_lora=True) in STATIC_PATHS:
                 return self.experts(hidden, topk_ids, topk_w, lora=lora)        # traced, the pairs' factors too
             stacks = [t for n in _LORA_WEIGHTS for t in (lora[n].a, lora[n].b)]
             return eager_experts(self.handle, layer, hidden, topk_ids, topk_w, lora["down_proj"].slots, stacks)

@@ -134,6 +134,15 @@ class ExpertLora:
     slots: torch.Tensor | None = None
 
 
+def gathered_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
+                  keep: torch.Tensor) -> torch.Tensor:
+    """Each row's own LoRA factors, gathered: (x_m a_g^T) b_g^T for g = index[m], zero where `keep` is False.
+    x: [M, in]; a: [G, R, in]; b: [G, out, R]; index, keep: [M] -> [M, out] in x's dtype. Used where no grouped GEMM
+    serves (CPU decode, compiled steps): per-row LoRA of linears (multi_lora) and of (token, expert) pairs."""
+    low = torch.bmm(a.index_select(0, index).to(x.dtype), x[:, :, None])                # [M, R, 1]
+    return torch.bmm(b.index_select(0, index).to(x.dtype), low).squeeze(-1) * keep.to(x.dtype)[:, None]
+
+
 @functools.cache
 def _cpu_grouped_mm(dtype: torch.dtype) -> bool:
     """Whether this torch has a CPU _grouped_mm for `dtype` (a C++ loop of GEMMs, with a backward)."""
@@ -423,10 +432,7 @@ class RoutedExperts(nn.Module):
         """Per-row LoRA of (token, expert) pairs, each with its own factors gathered (a few pairs: CPU decode).
         x: [A, in] the pairs' inputs; rows: [A] their tokens; e: [A] local expert -> [A, out] (0: no adapter)."""
         slot = f.slots.index_select(0, rows)                                           # [A], -1: base
-        g = (slot.clamp(min=0) * self.count + e)                                       # [A] stack index
-        low = torch.bmm(f.a.index_select(0, g).to(x.dtype), x[:, :, None])             # [A, R, 1]
-        out = torch.bmm(f.b.index_select(0, g).to(x.dtype), low).squeeze(-1)           # [A, out]
-        return out * (slot >= 0).to(x.dtype)[:, None] * f.scale
+        return gathered_lora(x, f.a, f.b, slot.clamp(min=0) * self.count + e, slot >= 0) * f.scale
 
     def _grouped_ok(self, x: torch.Tensor, lora: dict[str, ExpertLora] | None = None,
                     gather_lora: bool = False) -> bool:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.platform.model.fp8 import Fp8Linear
-from raymoe.platform.model.moe import ExpertDispatch, ExpertLora, MoE, _cpu_grouped_mm
+from raymoe.platform.model.moe import ExpertDispatch, ExpertLora, MoE, _cpu_grouped_mm, gathered_lora
 
 
 class Segments:
@@ -123,11 +123,8 @@ def _with_rows(mod: LoraLinear | LoraFp8Linear, x: torch.Tensor, y: torch.Tensor
     a, b = mod.lora_a.to(x.dtype), mod.lora_b.to(x.dtype)
     if seg.grouped(x, a.transpose(1, 2)):            # grouped GEMMs over the rows sorted by slot
         return seg.add_to(y, seg.lora(x, a, b))
-    # else each row's own factors, gathered, in the rows' order (a sort buys nothing without the grouped GEMM)
-    slots = mod.rows.slots
-    g = slots.clamp(min=0)
-    low = torch.bmm(a.index_select(0, g), x[:, :, None])                               # [N, R, 1]
-    return y + torch.bmm(b.index_select(0, g), low).squeeze(-1) * (slots >= 0).to(x.dtype)[:, None]
+    slots = mod.rows.slots        # else each row's own factors in the rows' order (no sort without the grouped GEMM)
+    return y + gathered_lora(x, a, b, slots.clamp(min=0), slots >= 0)
 
 
 class LoraLinear(nn.Linear):
