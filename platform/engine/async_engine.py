@@ -10,6 +10,7 @@ thread (once per distinct grammar; cached after), never in a step.
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
@@ -30,7 +31,7 @@ def _put_all(puts: list[tuple[asyncio.Queue, object]]) -> None:
         q.put_nowait(item)
 
 
-class EngineClient:
+class EngineClient(abc.ABC):
     """Streams of requests over some engine: subclasses say how a request reaches it (`_submit`) and how its deltas
     come back (they call `_deliver` from any thread)."""
 
@@ -38,6 +39,7 @@ class EngineClient:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats: dict = {}
 
+    @abc.abstractmethod
     async def _submit(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
         raise NotImplementedError
 
@@ -95,25 +97,32 @@ class EngineClient:
         return len(self._streams)
 
     # what subclasses provide besides _submit
+    @abc.abstractmethod
     def abort(self, request_id: str) -> None:
         raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def alive(self) -> bool:
         raise NotImplementedError
 
+    @abc.abstractmethod
     async def adapters(self) -> list[str]:
         raise NotImplementedError
 
+    @abc.abstractmethod
     async def load_adapter(self, name: str, path: str) -> dict:
         raise NotImplementedError
 
+    @abc.abstractmethod
     async def unload_adapter(self, name: str) -> None:
         raise NotImplementedError
 
+    @abc.abstractmethod
     async def expert_load(self) -> dict[int, list[int]]:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def shutdown(self) -> None:
         raise NotImplementedError
 
