@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--min-requests", type=int, default=8, help="requests per concurrency at least (2 x c else)")
     ap.add_argument("--variants", default="separate")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args()
@@ -114,7 +115,7 @@ def main() -> None:
     model = a.model or str(write_tiny_checkpoint(tempfile.mkdtemp(prefix="serve-bench-"),
                                                  TinySpec(seed=1, dtype="float32")))
     engine_kw = {"cpu_threads": a.threads, "max_num_seqs": 64, "num_blocks": 2048, "block_size": 16}
-    sets = {c: prompts(max(8, 2 * c), 700, seed=c) for c in conc}
+    sets = {c: prompts(max(a.min_requests, 2 * c), 700, seed=c) for c in conc}
 
     variants = [parse_variant(v) for v in a.variants.split(",")]
     results: dict[str, dict[int, dict]] = {v: {c: {} for c in conc} for v, _ in variants}
@@ -150,8 +151,9 @@ def main() -> None:
             asyncio.run(both(results[name]))
             serve.delete("bench")
             for c in conc:                     # as it goes, in case a time limit cuts the run short
-                print(f"{name} c={c}: direct {results[name][c]['direct']['tok_s']:.0f} tok/s, "
-                      f"HTTP {results[name][c]['http']['tok_s']:.0f} tok/s", flush=True)
+                d, h = results[name][c]["direct"], results[name][c]["http"]
+                print(f"{name} c={c}: direct {d['tok_s']:.0f} tok/s, HTTP {h['tok_s']:.0f} tok/s, TTFT p50 direct "
+                      f"{pct(d['ttft'], 0.5):.1f} / HTTP {pct(h['ttft'], 0.5):.1f} ms", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -29,7 +29,7 @@ from raymoe.deployments.ingress import OpenAIIngress
 from raymoe.deployments.metrics import MetricsCollector
 from raymoe.deployments.model import ModelServer
 from raymoe.deployments.vllm_model import VLLMServer
-from raymoe.platform.config import EngineConfig
+from raymoe.platform.config import EngineConfig, ModelConfig
 
 
 def cache_dir() -> Path:
@@ -72,6 +72,11 @@ def app_config(args: dict[str, Any] | ServeAppConfig) -> ServeAppConfig:
     for name, path in cfg.lora_modules.items():
         if not is_url(path) and not (Path(path) / FILES[0]).is_file():
             raise ValueError(f"lora_modules.{name}: {path} is not a PEFT adapter directory (no {FILES[0]})")
+    if (cfg.engine_kind == "vllm" and (cfg.lora_root or cfg.lora_modules) and cfg.engine_config().device == "cpu"
+            and ModelConfig.from_pretrained(cfg.model).moe_layers):
+        raise ValueError("lora_root / lora_modules: engine.kind vllm on the CPU cannot serve LoRA adapters on a "
+                         "mixture-of-experts model (vLLM then needs its Triton MoE kernel, which its CPU build "
+                         "lacks); use engine.kind raymoe, or vLLM on GPU nodes (engine.device cuda)")
     return cfg
 
 
@@ -150,8 +155,10 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
         max_ongoing_requests=4 * (cfg.max_ongoing_requests * cfg.autoscaling.max_replicas + cfg.max_queued_requests),
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus, **env},
     )
+    preload = [AdapterRef(name=n, path=p) for n, p in cfg.lora_modules.items()]   # on every replica, at its start
     if vllm:
-        extra = (cfg.vllm_settings().engine_args, cfg.vllm_settings().env)
-    else:                                      # lora_modules: loaded by every replica before it takes requests
-        extra = ([AdapterRef(name=n, path=p) for n, p in cfg.lora_modules.items()], cfg.engine_process)
+        extra = (cfg.vllm_settings().engine_args, cfg.vllm_settings().env, preload,
+                 bool(cfg.lora_root or cfg.lora_modules))
+    else:
+        extra = (preload, cfg.engine_process)
     return ingress.bind(cfg, model.bind(engine, metrics, cfg.metrics_interval_s, *extra), metrics)

@@ -118,9 +118,6 @@ class ServeAppConfig(BaseModel):
         if self.engine_kind == "vllm" and self.ingress == "fused":
             raise ValueError("ingress: fused runs raymoe's engine in the ingress replica; engine.kind vllm needs "
                              "ingress: separate")
-        if self.engine_kind == "vllm" and (self.lora_root or self.lora_modules):
-            raise ValueError("lora_root / lora_modules: LoRA adapters are served by engine.kind raymoe; vLLM's LoRA "
-                             "support is not wired into the vllm engine yet")
         if "model" in self.engine:
             raise ValueError("engine.model: set the checkpoint with the top-level `model` key")
         for key in LORA_ENGINE_KEYS:

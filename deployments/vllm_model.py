@@ -8,6 +8,17 @@ engines. The engine limits come from the same EngineConfig fields (`vllm_engine_
 from `engine.vllm.engine_args`. vLLM's pins differ from the project's, so the replica may run in another Python
 environment (Ray runtime_env `py_executable`, set by app.py): this module imports vLLM only inside the replica.
 
+LoRA adapters (lora_root, lora_modules, POST /v1/load_lora_adapter) go through vLLM's own LoRA (`enable_lora`, sized
+by max_loras / max_lora_rank / max_cpu_loras) behind the same multiplexing as raymoe's replicas (`AdapterHost`):
+each name is registered with vLLM as a LoRARequest, and a request on it carries that. Two limits of vLLM 0.32:
+- it ignores LoRA on kv_b_proj (its MLA folds that weight into the attention at load), so an adapter that targets
+  it is refused (AdapterInvalid, a 400 naming it) rather than served wrong;
+- on the CPU it cannot run a mixture-of-experts model with LoRA on: `select_unquantized_moe_backend` then picks its
+  Triton MoE kernel, which the CPU build lacks, and every request, base ones too, fails (`module 'triton.language'
+  has no attribute 'float32'`). The app refuses that configuration at start (app.app_config). A dense model of the
+  same architecture runs (the CI test), and so should an MoE one on GPU nodes, which has not been run here (the lent
+  GPU machine has no vLLM).
+
 Not mapped: expert shards (`parallel`: raymoe's engine only), `cpu_compile` (vLLM compiles unless
 `enforce_eager`), `quantization: none` (vLLM serves an FP8 checkpoint in FP8), per-request MTP acceptance counts
 (vLLM keeps them in its own stats).
@@ -17,21 +28,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Collection
 
 from ray import serve
 
+from raymoe.deployments.adapter_host import AdapterHost
+from raymoe.deployments.adapters import AdapterRef
 from raymoe.deployments.metrics import EngineReport
 from raymoe.platform.config import EngineConfig, SamplingParams
+from raymoe.platform.checkpoint.adapter import read_adapter
+from raymoe.platform.checkpoint.reader import CheckpointError
 from raymoe.platform.engine import Delta, RequestError, check_request
+from raymoe.platform.engine.adapters import AdapterInvalid, AdapterNotFound
 
 log = logging.getLogger(__name__)
 
 
-def vllm_engine_args(cfg: EngineConfig, max_context: int, extra: dict | None = None) -> dict:
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)     # the max_lora_rank values vLLM accepts
+# weights whose LoRA vLLM drops without a word: its MLA absorbs kv_b_proj into W_UK / W_UV when the model loads
+# (seen here: an adapter on kv_b_proj alone gives the base model's tokens, every other attention target matches)
+VLLM_ABSORBED = {"kv_b_proj"}
+
+
+def vllm_engine_args(cfg: EngineConfig, max_context: int, extra: dict | None = None, lora: bool = False) -> dict:
     """AsyncEngineArgs fields from raymoe's EngineConfig. vLLM sizes its KV cache to hold max_model_len, so with a
     fixed `num_blocks` its max_model_len is capped at the cache's tokens (the replica refuses longer requests first,
     with raymoe's message). float32 on the CPU takes vLLM's reference MLA backend: the AMX one it prefers where the
-    CPU has AMX refuses float32 weights ("expect weight to be bfloat16, ...")."""
+    CPU has AMX refuses float32 weights ("expect weight to be bfloat16, ..."). `lora`: vLLM's LoRA on, sized by the
+    same keys as raymoe's adapter pool (max_lora_rank rounded up to a rank vLLM accepts)."""
     cuda = str(cfg.device).startswith("cuda")
     max_len = cfg.max_model_len or max_context
     if cfg.num_blocks:
@@ -51,6 +75,10 @@ def vllm_engine_args(cfg: EngineConfig, max_context: int, extra: dict | None = N
         args["speculative_config"] = {"method": "mtp", "num_speculative_tokens": cfg.num_speculative_tokens}
     if cuda and not cfg.enforce_eager:
         args["compilation_config"] = {"cudagraph_capture_sizes": list(cfg.cuda_graph_sizes)}
+    if lora:
+        rank = next((r for r in VLLM_LORA_RANKS if r >= cfg.max_lora_rank), VLLM_LORA_RANKS[-1])
+        args.update(enable_lora=True, max_loras=cfg.max_loras, max_lora_rank=rank,
+                    max_cpu_loras=max(cfg.max_loras, cfg.max_cpu_loras))
     return {**args, **(extra or {})}
 
 
@@ -110,9 +138,10 @@ class EngineStats:
 
 
 @serve.deployment(name="ModelServer")
-class VLLMServer:
+class VLLMServer(AdapterHost):
     async def __init__(self, engine_config: EngineConfig, metrics=None, metrics_interval_s: float = 1.0,
-                       engine_args: dict | None = None, env: dict | None = None) -> None:
+                       engine_args: dict | None = None, env: dict | None = None, preload: list[AdapterRef] = (),
+                       lora: bool = False) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -125,15 +154,22 @@ class VLLMServer:
         self.max_model_len = engine_config.max_model_len or mcfg.max_context
         self.vocab_size = mcfg.vocab_size
         self.stats_now = EngineStats()
-        args = vllm_engine_args(engine_config, mcfg.max_context, engine_args)
+        args = vllm_engine_args(engine_config, mcfg.max_context, engine_args, lora)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args),
                                                 stat_loggers=[self.stats_now.logger_factory()])
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id if ctx else "local"
         self.metrics, self.interval = metrics, metrics_interval_s
+        self.lora = lora
+        self._lora_requests: dict = {}                # adapter name -> vLLM's LoRARequest (its id, its folder)
+        self._lora_ids = 0
+        self._init_adapters(engine_config.max_loras)
+        for ref in preload:                           # lora_modules: on every replica, before it takes requests
+            await self.ensure(ref)
         self._reporter = asyncio.create_task(self._report_loop()) if metrics is not None else None
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       adapter: AdapterRef | None = None):
         """Yield lists of Delta: everything vLLM produced for this request since the last yield (one RequestOutput,
         in DELTA mode, carries every choice that moved). Leaving early aborts the request in vLLM."""
         from vllm.inputs import TokensPrompt
@@ -141,16 +177,19 @@ class VLLMServer:
             raise RequestError("structured outputs and tools (response_format, structured_outputs, tool_choice "
                                "'required' or named) are served by engine.kind raymoe; the vllm engine does not "
                                "take them yet")
-        if params.adapter is not None:
-            raise RequestError("LoRA adapters are served by engine.kind raymoe only")
         check_request(prompt_ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                       num_blocks=self.cfg.num_blocks, block_size=self.cfg.block_size,
                       num_spec=self.cfg.num_speculative_tokens)
+        lora_request = None
+        if adapter is not None:
+            await self.ensure(adapter)
+            lora_request = self._lora_requests[adapter.name]
         done_tokens = [0] * params.n
         first = True
         try:
             async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)),
-                                                  vllm_sampling(params), request_id):
+                                                  vllm_sampling(params), request_id,
+                                                  lora_request=lora_request):
                 if first:
                     first = False
                     self.stats_now.prefix_cache_queries += params.n
@@ -169,6 +208,43 @@ class VLLMServer:
                     yield batch
         except ValueError as e:                   # vLLM's own input checks: the request's fault
             raise RequestError(str(e).splitlines()[0]) from None
+
+    # ---- adapters (AdapterHost): vLLM's LoRA, registered under raymoe's names ---------------------------------------
+    async def _engine_held(self) -> Collection[str]:
+        return self._lora_requests.keys()
+
+    def _engine_held_now(self) -> Collection[str]:
+        return self._lora_requests.keys()
+
+    async def _engine_load(self, name: str, path: str) -> dict:
+        """Register the adapter with vLLM, which reads and checks it now (add_lora) and again from `path` whenever
+        its own cache has dropped it. vLLM's refusal (targets it cannot adapt, a rank above max_lora_rank, shapes of
+        another base) is the request's fault: AdapterInvalid, a 400."""
+        from vllm.lora.request import LoRARequest
+        if not self.lora:
+            raise AdapterInvalid("this vLLM replica was started without LoRA (configure lora_root or lora_modules)")
+        try:
+            adapter = await asyncio.to_thread(read_adapter, path)
+        except CheckpointError as e:
+            raise AdapterInvalid(f"adapter {name!r}: {e}") from None
+        absorbed = sorted({f.module.rsplit(".", 1)[-1] for f in adapter.factors} & VLLM_ABSORBED)
+        if absorbed:
+            raise AdapterInvalid(f"adapter {name!r} adapts {', '.join(absorbed)}, which vLLM's MLA folds into its "
+                                 "attention at load and so would ignore; serve it with engine.kind raymoe")
+        self._lora_ids += 1
+        req = LoRARequest(lora_name=name, lora_int_id=self._lora_ids, lora_path=path)
+        try:
+            await self.engine.add_lora(req)
+        except Exception as e:                        # noqa: BLE001 - vLLM raises several kinds for a bad adapter
+            raise AdapterInvalid(f"adapter {name!r}: vLLM refused it: {str(e).splitlines()[0][:300]}") from None
+        self._lora_requests[name] = req
+        return {"name": name, "rank": None}
+
+    async def _engine_unload(self, name: str) -> None:
+        req = self._lora_requests.pop(name, None)
+        if req is None:
+            raise AdapterNotFound(f"adapter {name!r} is not loaded")
+        await self.engine.remove_lora(req.lora_int_id)
 
     def stats(self) -> dict:
         s = self.stats_now

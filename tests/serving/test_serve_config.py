@@ -76,6 +76,7 @@ def test_cli_refuses_bad_input_before_starting(tmp_path):
     ({"engine": "vllm", "ep": 2}, "expert shards are raymoe's engine"),
     ({"engine": {"kind": "vllm", "parallel": {"num_shards": 2}}}, "expert shards are raymoe's engine"),
     ({"engine": {"kind": "vllm", "max_num_seqs": 0}}, "engine.max_num_seqs"),
+    ({"engine": "vllm", "lora_root": "/tmp"}, "engine.kind vllm on the CPU cannot serve LoRA adapters on a mixture-of-experts"),
 ])
 def test_bad_engine_choice_names_the_key(args, needle, tiny_ckpt_fp32):
     with pytest.raises(ValueError) as e:
@@ -101,3 +102,15 @@ def test_engine_kind_and_vllm_limits_come_from_the_same_keys(tiny_ckpt_fp32):
     assert args["num_gpu_blocks_override"] == 257 and args["kv_cache_memory_bytes"] == 2 ** 29
     assert args["speculative_config"] == {"method": "mtp", "num_speculative_tokens": 1}
     assert args["tensor_parallel_size"] == 1 and args["model"] == str(tiny_ckpt_fp32)
+    assert "enable_lora" not in args
+
+
+def test_vllm_lora_comes_from_the_adapter_pool_keys(tiny_ckpt_fp32):
+    """On GPU nodes `engine.kind: vllm` takes adapters through vLLM's LoRA, sized by the same keys as raymoe's
+    adapter pool (a rank vLLM does not offer is rounded up to one it does)."""
+    from raymoe.deployments.vllm_model import vllm_engine_args
+    cfg = app_config({"model": str(tiny_ckpt_fp32), "engine": {"kind": "vllm", "device": "cuda"}, "lora_root": "/tmp",
+                      "max_loras": 3, "max_cpu_loras": 9, "max_lora_rank": 48})
+    args = vllm_engine_args(cfg.engine_config(), 131072, lora=True)
+    assert args["enable_lora"] is True and args["max_loras"] == 3 and args["max_cpu_loras"] == 9
+    assert args["max_lora_rank"] == 64
