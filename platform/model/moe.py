@@ -472,9 +472,9 @@ class RoutedExperts(nn.Module):
         h = self._grouped_proj(xs, "gate_up_proj", offs, lora, rows)          # [N*k, 2I]
         act = fused.swiglu(h)
         y = self._grouped_proj(act.contiguous(), "down_proj", offs, lora, rows)   # [N*k, H]
-        if partial:
-            y = torch.where(held[order][:, None], y, 0)                       # rows past the last group: undefined
-        return _Combine.apply(y, topk_w, order, inv, fuse).to(x.dtype)
+        y = torch.where(held[order][:, None], y, 0)    # rows past the last group (held elsewhere, id -1): undefined
+        w = torch.where(topk_ids >= 0, topk_w, 0)                             # an id -1's weight means nothing
+        return _Combine.apply(y, w, order, inv, fuse).to(x.dtype)
 
     def _row_segments(self, key: torch.Tensor, order: torch.Tensor, k: int, lora: dict[str, ExpertLora] | None):
         """Per-row LoRA: the expert-sorted rows grouped again by (adapter slot, expert), rows of no adapter (or of

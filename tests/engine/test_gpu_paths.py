@@ -32,6 +32,10 @@ def test_grouped_experts_equal_loop(tiny_ckpt_fp32):
     assert (padded - ref).abs().max() < 1e-5
     assert (dense - ref).abs().max() < 1e-5
     assert (no_one - experts._loop(x, torch.where(ids == ids[:, :1], -1, ids), w)).abs().max() < 1e-5
+    with torch.no_grad():                      # id -1 through the grouped GEMM, every expert held here: rows past the
+        some = torch.where(ids == ids[:, :1], -1, ids)         # last group are masked, never combined undefined
+        grouped_no_one = experts._grouped(x, some, torch.full_like(w, float("nan")).where(some < 0, w))
+    assert (grouped_no_one - experts._loop(x, some, w)).abs().max() < 1e-5
     # the tiny preset: 16 experts, 4 per token, so every expert on every token is 4x the work: dense past 16 pairs
     assert [experts.inference_path(n, 4) for n in (1, 4, 5, 37)] == ["gathered", "gathered", "dense", "dense"]
     assert experts.inference_path(37, 4, per_row_lora=True) == "dense"        # per-row LoRA: each pair's factors
