@@ -80,6 +80,10 @@ def app_config(args: dict[str, Any] | ServeAppConfig) -> ServeAppConfig:
     return cfg
 
 
+# how often a stopping replica checks whether its requests are done (Serve's default 2 s): stopping still waits for
+# every running request (up to graceful_shutdown_timeout_s), an idle replica goes at once (Ctrl-C, scale-down)
+SHUTDOWN_POLL_S = 0.2
+
 CHECKOUT = Path(__file__).resolve().parents[1]      # the repository root when raymoe is installed from a checkout
 
 
@@ -135,7 +139,7 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
             # the replica admits max_ongoing + max_queued generation requests itself (then an OpenAI 429); Serve's
             # own bounds sit above that (with room for /health, /metrics...), since Serve's queue also holds requests
             # a proxy has not yet placed on a replica: a bound there alone would refuse a burst a replica can take
-            max_ongoing_requests=slots, max_queued_requests=slots,
+            max_ongoing_requests=slots, max_queued_requests=slots, graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
             backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},
             ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **env},
             **_placement(engine),
@@ -145,13 +149,13 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> Application:
     server, model_env = (VLLMServer, {"runtime_env": vllm_runtime_env(cfg)}) if vllm else (ModelServer, env)
     model = server.options(
         autoscaling_config=auto, max_ongoing_requests=cfg.max_ongoing_requests,
-        max_queued_requests=cfg.max_queued_requests,
+        max_queued_requests=cfg.max_queued_requests, graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
         backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},   # if one escapes the ingress
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **model_env},
         **({} if vllm else _placement(engine)),
     )
     ingress = OpenAIIngress.options(
-        num_replicas=cfg.ingress_replicas,
+        num_replicas=cfg.ingress_replicas, graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
         max_ongoing_requests=4 * (cfg.max_ongoing_requests * cfg.autoscaling.max_replicas + cfg.max_queued_requests),
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus, **env},
     )

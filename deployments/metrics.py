@@ -91,6 +91,7 @@ class RequestMetrics:
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=10000, ray_actor_options={"num_cpus": 0},
+                  graceful_shutdown_wait_loop_s=0.2,
                   logging_config={"enable_access_log": False})
 class MetricsCollector:
     def __init__(self, stale_after_s: float = 5.0) -> None:
