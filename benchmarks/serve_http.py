@@ -6,7 +6,11 @@ time to the first text on both sides (HTTP: from sending the request to the firs
 calling the engine to its first delta with text; a random tiny model's first token often decodes to no text yet).
 
     .venv/bin/python benchmarks/serve_http.py [--model DIR] [--max-tokens 64] [--concurrency 1,16,64]
-        [--variants separate,fused] [--json OUT.json]
+        [--variants separate,fused] [--waves 8] [--json OUT.json]
+
+Each concurrency c runs waves x c requests (at least --min-requests): with 2 waves, as this script ran before
+2026-12-06, the first wave's start and the last one's tail were half the run, and the 16-stream ratio moved between
+0.70 and 0.97 from run to run on the same host.
 
 A variant is `separate` or `fused`, optionally with app args after a colon, `;`-separated:
 `fused:max_ongoing_requests=64`, `separate:engine_core=process`.
@@ -103,7 +107,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--min-requests", type=int, default=8, help="requests per concurrency at least (2 x c else)")
+    ap.add_argument("--waves", type=int, default=8, help="requests per concurrency: waves x c (at least --min-requests)")
+    ap.add_argument("--min-requests", type=int, default=32)
     ap.add_argument("--variants", default="separate")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args()
@@ -115,7 +120,7 @@ def main() -> None:
     model = a.model or str(write_tiny_checkpoint(tempfile.mkdtemp(prefix="serve-bench-"),
                                                  TinySpec(seed=1, dtype="float32")))
     engine_kw = {"cpu_threads": a.threads, "max_num_seqs": 64, "num_blocks": 2048, "block_size": 16}
-    sets = {c: prompts(max(a.min_requests, 2 * c), 700, seed=c) for c in conc}
+    sets = {c: prompts(max(a.min_requests, a.waves * c), 700, seed=c) for c in conc}
 
     variants = [parse_variant(v) for v in a.variants.split(",")]
     results: dict[str, dict[int, dict]] = {v: {c: {} for c in conc} for v, _ in variants}
