@@ -21,7 +21,7 @@ SERVED = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj", "dense_mlp"]
 
 
 @pytest.fixture(scope="module")
-def lora_pair(serve_http, write_ckpt, tmp_path_factory) -> dict:
+def lora_pair(serve_http, write_ckpt, tmp_path_factory):
     from raymoe.deployments.app import vllm_python
     from raymoe.deployments.config import VLLMSettings
     try:
@@ -39,7 +39,10 @@ def lora_pair(serve_http, write_ckpt, tmp_path_factory) -> dict:
             "raymoe": deploy(serve_http, "vllm-lora-peer", "/vllm-lora-peer", app_args(ckpt, engine=ENGINE, **common))}
     for app in apps.values():
         wait_running(app.app, 1200)
-    return apps
+    yield apps
+    from ray import serve
+    for app in apps.values():          # vLLM's engine core busy-polls a core while it is up: not past this module
+        serve.delete(app.app)
 
 
 def greedy(app, model: str, prompt: str, stream: bool = False) -> str:
